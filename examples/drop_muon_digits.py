@@ -80,7 +80,7 @@ def main(backend: str = "eager", target: float = 0.05, seed: int = 0, batch: int
         with torch.no_grad():
             accuracy = (m.eval()(xte).argmax(1) == yte).float().mean().item()
         print(f"{name:45s} train loss {loss:.4f} after {step} steps, {seconds:.1f} s of steps (tracing included), "
-              f"test accuracy {accuracy:.3f}, {m.trainer.trace_count} graphs compiled")
+              f"test accuracy {accuracy:.3f}, {m.compile_stats().traces} graphs compiled")
 
 
 if __name__ == "__main__":

@@ -3,21 +3,35 @@
     m = graphopt.compile(model, methods=["hra(r=8)", "adamw(lr=1e-3)"], loss_fn=F.cross_entropy)
     loss = m.step(x, target)
     graphopt.export(m, "model.onnx", example_inputs=(x,))
+
+A method is a :class:`Method` (its options and ``apply(gm, ctx)``); what it may contribute, and when
+each contribution runs, is documented once, in :mod:`graphopt.context`.
 """
 
-from graphopt.compile import CompiledModel, compile
-from graphopt.errors import CaptureError, ExportError, GraphoptError, OptionError, PluginError, RewriteError
+from graphopt import optim
+from graphopt.compiled_model import CompiledModel, CompileStats, compile
+from graphopt.context import MethodContext
+from graphopt.errors import (
+    CaptureError,
+    CheckpointError,
+    ExportError,
+    GraphoptError,
+    MethodError,
+    OptionError,
+    PluginError,
+    RewriteError,
+    StepError,
+)
 from graphopt.export import ExportReport, export
 from graphopt.hookspecs import hookimpl
-from graphopt.methods import Method, MethodInfo, Option
+from graphopt.method import Method, MethodInfo, Option
 from graphopt.plugins import list_methods, register_plugin, unregister_plugin
-from graphopt.rewrite.context import RewriteContext
-from graphopt.train import optim
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "CompiledModel", "ExportError", "ExportReport", "GraphoptError", "Method", "MethodInfo",
-    "Option", "OptionError", "PluginError", "RewriteContext", "RewriteError", "__version__", "compile", "export",
-    "hookimpl", "list_methods", "optim", "register_plugin", "unregister_plugin",
+    "CaptureError", "CheckpointError", "CompileStats", "CompiledModel", "ExportError", "ExportReport",
+    "GraphoptError", "Method", "MethodContext", "MethodError", "MethodInfo", "Option", "OptionError", "PluginError",
+    "RewriteError", "StepError", "__version__", "compile", "export", "hookimpl", "list_methods", "optim",
+    "register_plugin", "unregister_plugin",
 ]

@@ -1,4 +1,6 @@
-"""``graphopt bench``: the benchmark harness. Plugins contribute cases through ``graphopt_bench_cases``.
+"""``graphopt bench``: the benchmark harness. Cases come from plugins (``graphopt_bench_cases``) and from a
+folder of cases: graphopt's own live in the repository's top-level ``benchmarks/`` folder (not shipped in
+the wheel), loaded as one plugin when graphopt runs from a checkout, or from ``--cases DIR``.
 
 A case is ``fn(quick: bool) -> dict`` that measures its variants side by side in one process and
 returns JSON-able results (use :func:`time_steps` and :func:`peak_memory_mib`). Timings are medians
@@ -7,19 +9,23 @@ over blocks of steps, taken after warm-up; compare only ratios measured within o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
-from graphopt.plugins import get_plugin_manager
+from graphopt.errors import OptionError
+from graphopt.plugins import get_plugin_manager, register_plugin
+
+CASES_PACKAGE = "graphopt_benchmarks"
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,36 @@ class BenchCase:
     plugin: str = ""
 
 
-def bench_cases() -> list[BenchCase]:
-    """Every case contributed by a plugin, in registration order."""
+def default_cases_dir() -> Path | None:
+    """The repository's ``benchmarks/`` folder when graphopt runs from a checkout (an editable install)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    return folder if (folder / "__init__.py").is_file() else None
+
+
+def load_cases_dir(folder: str | Path) -> None:
+    """Import the package ``folder`` (its ``__init__.py`` implements ``graphopt_bench_cases``) as a plugin."""
+    folder = Path(folder).resolve()
+    init = folder / "__init__.py"
+    if not init.is_file():
+        raise OptionError(f"--cases {folder}: not a folder of benchmark cases (it needs an __init__.py that "
+                          "implements graphopt_bench_cases)")
+    name = CASES_PACKAGE if folder == default_cases_dir() else f"{CASES_PACKAGE}_{folder.name}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    if not get_plugin_manager().is_registered(module):
+        register_plugin(module, name=name)
+
+
+def bench_cases(cases_dir: str | Path | None = None) -> list[BenchCase]:
+    """Every case contributed by a plugin, in registration order, after loading ``cases_dir`` (default:
+    :func:`default_cases_dir`)."""
+    folder = cases_dir if cases_dir is not None else default_cases_dir()
+    if folder is not None:
+        load_cases_dir(folder)
     cases: list[BenchCase] = []
     manager = get_plugin_manager()
     for impl in manager.hook.graphopt_bench_cases.get_hookimpls():
@@ -101,37 +135,17 @@ def peak_memory_mib(fn: Callable[[], Any]) -> float:
     return round(peak / 2**20, 2)
 
 
-def linear_gelu_stack(width: int = 1024, blocks: int = 4) -> nn.Sequential:
-    """The adapter bench model: ``blocks`` × (``Linear(width, width)`` + GELU)."""
-    layers: list[nn.Module] = []
-    for _ in range(blocks):
-        layers += [nn.Linear(width, width), nn.GELU()]
-    return nn.Sequential(*layers)
-
-
-def eager_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
-                        loss_fn: Callable[..., torch.Tensor] = F.mse_loss) -> Callable[[], torch.Tensor]:
-    """One plain eager PyTorch training step (zero_grad, loss, backward, ``optimizer.step``) as a closure."""
-
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), target)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return step
-
-
 def ratios(times: dict[str, float], baseline: str) -> dict[str, float]:
     """Each variant's time divided by ``baseline``'s."""
     return {name: round(t / times[baseline], 3) for name, t in times.items()}
 
 
-def run(quick: bool = False, only: Iterable[str] | None = None, json_path: str | None = None) -> dict[str, Any]:
+def run(quick: bool = False, only: Iterable[str] | None = None, json_path: str | None = None,
+        cases_dir: str | Path | None = None) -> dict[str, Any]:
     """Run the cases (all, or those whose name contains one of ``only``) and print a table."""
     torch.manual_seed(0)
-    selected = [c for c in bench_cases() if (c.quick or not quick) and (not only or any(o in c.name for o in only))]
+    selected = [c for c in bench_cases(cases_dir)
+                if (c.quick or not quick) and (not only or any(o in c.name for o in only))]
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick,
                                "cases": {}}
     for case in tqdm(selected, desc="graphopt bench"):

@@ -9,7 +9,8 @@ The model is deep-copied first: the user's model is never modified.
 Dynamic dimensions: by default dim 0 (batch) of every tensor input is dynamic. ``dynamic_dims`` marks
 others, one entry per positional input: a sequence of dim indices (negative counts from the end) or
 None for an input whose shape is static, e.g. ``dynamic_dims=[(0, 1)]`` for token ids ``(batch, seq)``.
-The choice is kept in ``gm.meta["graphopt_dynamic_dims"]`` and reused by ``graphopt.export``.
+The choice is kept with the graph (``graphopt.rewrite.meta.captured_dynamic_dims``) and reused by
+``graphopt.export``.
 
 A model that neither path can capture (data-dependent Python control flow such as ``if x.sum() > 0:``)
 raises :class:`~graphopt.CaptureError` naming the file and line of the offending Python code; graphopt
@@ -30,6 +31,7 @@ from torch import nn
 
 from graphopt.errors import CaptureError, OptionError
 from graphopt.plugins import get_plugin_manager
+from graphopt.rewrite.meta import set_capture_info
 
 DynamicDims = Sequence[Sequence[int] | None]
 
@@ -77,7 +79,7 @@ def dynamic_shapes(example_inputs: tuple[Any, ...], dynamic_dims: DynamicDims | 
 
 def capture(model: nn.Module, example_inputs: tuple[Any, ...],
             dynamic_dims: DynamicDims | None = None) -> torch.fx.GraphModule:
-    """A deep copy of ``model`` as a GraphModule; ``gm.meta["graphopt_capture"]`` says which path worked.
+    """A deep copy of ``model`` as a GraphModule; ``graphopt.rewrite.meta.capture_path(gm)`` says which path worked.
 
     ``dynamic_dims``: see the module docstring (default: the batch dim of every tensor input).
     """
@@ -87,16 +89,14 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...],
     model = copy.deepcopy(model)
     hooked = get_plugin_manager().hook.graphopt_capture(model=model, example_inputs=example_inputs)
     if hooked is not None:
-        hooked.meta.setdefault("graphopt_capture", "plugin")
-        hooked.meta.setdefault("graphopt_dynamic_dims", dims)
+        set_capture_info(hooked, "plugin", dims)
         return hooked
     try:
         exported = torch.export.export(
             model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes(example_inputs, dims)
         )
         gm = exported.module()
-        gm.meta["graphopt_capture"] = "torch.export"
-        gm.meta["graphopt_dynamic_dims"] = dims
+        set_capture_info(gm, "torch.export", dims)
         return gm
     except Exception as export_error:
         try:
@@ -112,9 +112,7 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...],
                 "instead of `if tensor:`) or register a graphopt_capture plugin."
             ) from trace_error
         normalise_module_calls(gm)
-        gm.meta["graphopt_capture"] = "symbolic_trace"
-        gm.meta["graphopt_dynamic_dims"] = dims
-        gm.meta["graphopt_export_error"] = f"{type(export_error).__name__}: {_first_line(export_error)}"
+        set_capture_info(gm, "symbolic_trace", dims, f"{type(export_error).__name__}: {_first_line(export_error)}")
         return gm
 
 

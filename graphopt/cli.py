@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphopt.compile import compile as compile_model
+from graphopt.compiled_model import compile as compile_model
 from graphopt.errors import GraphoptError
 from graphopt.export import export
 from graphopt.plugins import list_methods
+from graphopt.rewrite.meta import capture_path
 
 
 def load_model(reference: str) -> nn.Module:
@@ -87,14 +88,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     compiled, x, model = _compiled(args)
     original = compile_model(model, methods=[], example_inputs=(x,), backend="eager").graph_module
     rewritten = compiled.graph_module
-    print(f"# captured with {rewritten.meta.get('graphopt_capture')}; methods: "
+    print(f"# captured with {capture_path(rewritten)}; methods: "
           f"{', '.join(m.spec() for m in compiled.methods) or 'none'}")
     print(rewritten.print_readable(print_output=False))
-    for method in compiled.methods:
-        compiled.context.method = method
-        text = method.describe(rewritten, compiled.context)
-        if text:
-            print(f"# {method.name}:\n{text}")
+    for name, text in compiled.descriptions().items():
+        print(f"# {name}:\n{text}")
     trainable = list(compiled.named_parameters())
     print(f"# trainable parameters: {sum(p.numel() for _, p in trainable)} in {len(trainable)} tensors")
     diff = difflib.unified_diff(original.code.splitlines(), rewritten.code.splitlines(),
@@ -113,7 +111,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt.bench import run
 
-    run(quick=args.quick, only=args.only, json_path=args.json)
+    run(quick=args.quick, only=args.only, json_path=args.json, cases_dir=args.cases)
     if args.json:
         print(f"wrote {args.json}")
     return 0
@@ -148,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small, fast variants of each case")
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.add_argument("--only", action="append", help="run only cases whose name contains this; repeatable")
+    bench.add_argument("--cases", help="a folder of benchmark cases to load (default: the repository's benchmarks/ "
+                                       "folder when graphopt runs from a checkout)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

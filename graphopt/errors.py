@@ -1,4 +1,8 @@
-"""Exceptions raised by graphopt; each message names the problem and the fix."""
+"""Exceptions raised by graphopt; each message names the problem and the fix.
+
+Errors from method code carry the method, its plugin and the phase (see :mod:`graphopt.dispatch`) in
+their message and as the attributes ``method``, ``plugin`` and ``phase`` (None for the core's own errors).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,13 @@ from __future__ import annotations
 class GraphoptError(Exception):
     """Base class of graphopt's own errors."""
 
+    method: str | None = None
+    plugin: str | None = None
+    phase: str | None = None
+
 
 class OptionError(GraphoptError, ValueError):
-    """A method spec or option is invalid (unknown method, unknown option, bad value)."""
+    """A method spec, an option or an argument is invalid (unknown method, unknown option, bad value)."""
 
 
 class PluginError(GraphoptError, RuntimeError):
@@ -20,7 +28,19 @@ class CaptureError(GraphoptError, RuntimeError):
 
 
 class RewriteError(GraphoptError, RuntimeError):
-    """A method's rewrite raised or produced a graph that does not run."""
+    """A method failed to apply, or left a forward or inference graph that does not run."""
+
+
+class StepError(GraphoptError, RuntimeError):
+    """Building or running the training step failed in method code (loss term, update rule, variant, ...)."""
+
+
+class CheckpointError(GraphoptError, ValueError):
+    """A state dict does not fit the compiled model, or a method failed to save or load its state."""
+
+
+class MethodError(GraphoptError, RuntimeError):
+    """A function a method added to the compiled model (``m.prune()``) failed."""
 
 
 class ExportError(GraphoptError, RuntimeError):

@@ -1,8 +1,9 @@
 """Export: the rewritten model in inference form to ``.onnx``, ``.pt2`` or ``.py`` (format from the suffix).
 
-With ``merge=True`` each method's ``fold`` hook folds its nodes into plain weights first, so the file
-holds a plain model. Every file is checked: ONNX with ``onnx.checker`` and onnxruntime against
-PyTorch (max abs difference over ``atol`` is an error), ``.pt2`` by loading it back and running it.
+With ``merge=True`` the methods' export passes fold their nodes into plain weights first, so the file
+holds a plain model; with ``merge=False`` they leave their compact form (``CompiledModel.export_graph``).
+Every file is checked: ONNX with ``onnx.checker`` and onnxruntime against PyTorch (max abs difference
+over ``atol`` is an error), ``.pt2`` by loading it back and running it.
 The batch dimension (dim 0 of every tensor input) is dynamic in ``.onnx`` and ``.pt2``; more dynamic
 dims (a sequence length) come from ``graphopt.compile(..., dynamic_dims=...)`` (kept with the captured
 graph) or from ``export(..., dynamic_dims=...)`` (same format: one entry per positional input, dim
@@ -13,7 +14,6 @@ specialised shows up as a static dim in the file, never as wrong numbers.
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,8 @@ from torch.utils import _pytree as pytree
 
 from graphopt.capture import DynamicDims, dynamic_shapes, normalise_dynamic_dims
 from graphopt.errors import ExportError
-from graphopt.plugins import plugin_of
 from graphopt.quiet import quiet_torch_internals
-from graphopt.rewrite.adapters import drop_unused_parameters
+from graphopt.rewrite.meta import captured_dynamic_dims
 
 FORMATS = (".onnx", ".pt2", ".py")
 
@@ -45,28 +44,6 @@ class ExportReport:
         return f"wrote {self.path} ({self.format}{diff})"
 
 
-def export_graph(model: Any, merge: bool = True) -> torch.fx.GraphModule:
-    """The graph that gets exported: the inference form, then each method's ``fold`` (``merge=True``:
-    adapters folded into plain weights) or ``unmerged`` hook (``merge=False``: compact adapter form)."""
-    with quiet_torch_internals():
-        gm = copy.deepcopy(model.inference_module())
-    ctx = model.context
-    for method in model.methods:
-        ctx.method = method
-        try:
-            gm = method.fold(gm, ctx) if merge else method.unmerged(gm, ctx)
-        except Exception as err:
-            raise ExportError(
-                f"method {method.name!r} (plugin {plugin_of(method)!r}) failed to prepare the graph for export "
-                f"(merge={merge}): {type(err).__name__}: {err}"
-            ) from err
-    gm.graph.eliminate_dead_code()
-    drop_unused_parameters(gm)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
-
-
 def export(model: Any, path: str | os.PathLike[str], example_inputs: tuple[Any, ...] | None = None,
            merge: bool = True, atol: float = 1e-4, dynamic_dims: DynamicDims | None = None) -> ExportReport:
     """Write ``model`` (a compiled model) to ``path``; ``.onnx``/``.pt2`` are checked against PyTorch.
@@ -76,13 +53,14 @@ def export(model: Any, path: str | os.PathLike[str], example_inputs: tuple[Any, 
     path = Path(path)
     if path.suffix not in FORMATS:
         raise ExportError(f"cannot export to {path.name!r}: use a path ending in one of {', '.join(FORMATS)}")
+    captured = model.captured
     if example_inputs is None:
-        example_inputs = model.context.example_inputs
+        example_inputs = captured.example_inputs
     example_inputs = tuple(example_inputs)
     if dynamic_dims is None:
-        dynamic_dims = model.graph_module.meta.get("graphopt_dynamic_dims")
+        dynamic_dims = captured_dynamic_dims(captured.gm)
     dims = normalise_dynamic_dims(example_inputs, dynamic_dims)
-    gm = export_graph(model, merge)
+    gm = captured.export_graph(merge)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         expected = gm(*example_inputs)
@@ -91,10 +69,7 @@ def export(model: Any, path: str | os.PathLike[str], example_inputs: tuple[Any, 
         return ExportReport(path, "fx-python", None)
     if path.suffix == ".pt2":
         return _export_pt2(gm, path, example_inputs, expected, atol, dims)
-    translations: dict[Any, Any] = {}
-    for method in model.methods:
-        translations.update(method.onnx_translations())
-    return _export_onnx(gm, path, example_inputs, expected, atol, translations, dims)
+    return _export_onnx(gm, path, example_inputs, expected, atol, captured.onnx_translations(), dims)
 
 
 def _python_source(gm: torch.fx.GraphModule, model: Any, merge: bool) -> str:

@@ -15,7 +15,7 @@ import pluggy
 
 from graphopt import hookspecs
 from graphopt.errors import PluginError
-from graphopt.methods import STAGES, Method, MethodInfo
+from graphopt.method import STAGES, Method, MethodInfo
 
 _manager: pluggy.PluginManager | None = None
 _registry: dict[str, MethodInfo] | None = None

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 from graphopt.errors import OptionError
-from graphopt.methods import Method
+from graphopt.method import Method
 
 MethodSpec = Union[str, tuple[str, Mapping[str, Any]], Method]  # noqa: UP007 - a runtime alias
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: small models, and real entry-point plugins installed as temporary dist-info."""
+"""Shared fixtures: the small MLP, one thread, and real entry-point plugins installed as temporary dist-info."""
 
 from __future__ import annotations
 
@@ -9,21 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from models import MLP
 
 import graphopt.plugins
-
-
-class MLP(nn.Module):
-    """Two hidden layers with named submodules, so module paths are readable (``encoder.0``, ``head``)."""
-
-    def __init__(self, d_in: int = 8, hidden: int = 16, d_out: int = 4) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.Tanh())
-        self.head = nn.Linear(hidden, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
 
 
 @pytest.fixture
@@ -65,4 +53,31 @@ def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_plugin
     yield install
     for name in list(sys.modules):
         if name.startswith("toy_"):
+            del sys.modules[name]
+
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "third_party_plugin"
+
+
+def install_example_plugin(root: Path) -> None:
+    """Put the example package (``examples/third_party_plugin``) on ``sys.path`` with the dist-info
+    ``pip install`` would write for its pyproject, under ``root``."""
+    info = root / "graphopt_peft_extras-0.1.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: graphopt-peft-extras\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[graphopt]\npeft_extras = graphopt_peft_extras\n")
+    for path in (str(root), str(EXAMPLE_PLUGIN)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    graphopt.plugins.reset()
+
+
+@pytest.fixture
+def example_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_plugins: None) -> Iterator[None]:
+    """The example third-party plugin installed for one test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    install_example_plugin(tmp_path)
+    yield
+    for name in list(sys.modules):
+        if name.startswith("graphopt_peft_extras"):
             del sys.modules[name]

@@ -29,7 +29,7 @@ WORLD = 2
 
 def make_model(seed: int, kind: str = "mlp") -> nn.Module:
     if kind == "gpt2":
-        from real_models import tiny_gpt2
+        from models import tiny_gpt2
 
         return tiny_gpt2(seed)
     torch.manual_seed(seed)
@@ -38,7 +38,7 @@ def make_model(seed: int, kind: str = "mlp") -> nn.Module:
 
 def batches(kind: str = "mlp") -> list[tuple[torch.Tensor, torch.Tensor]]:
     if kind == "gpt2":
-        from real_models import lm_batch
+        from models import lm_batch
 
         return [lm_batch(8, seed) for seed in range(STEPS)]
     g = torch.Generator().manual_seed(1)
@@ -48,7 +48,7 @@ def batches(kind: str = "mlp") -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def loss_for(kind: str):
     if kind == "gpt2":
-        from real_models import lm_loss
+        from models import lm_loss
 
         return lm_loss
     return F.cross_entropy
@@ -72,7 +72,7 @@ def _worker(rank: int, port: int, methods: list[str], out_dir: str, kind: str, b
         m = graphopt.compile(model, methods=methods, loss_fn=loss_for(kind), example_inputs=(shard[0][0],),
                              backend=backend, process_group=dist.group.WORLD)
         losses = [m.step(x, y).item() for x, y in shard]
-        step_graph = next(iter(m.trainer._cache.values()))  # eager backend: the traced training graph itself
+        step_graph = m.training_graphs()[0]  # eager backend: the traced training graph itself
         ops = [str(n.target) for n in step_graph.graph.nodes] if backend == "eager" else []
         torch.save({"params": {k: v.detach().clone() for k, v in m.graph_module.named_parameters()},
                     "losses": losses, "ops": ops}, Path(out_dir) / f"rank{rank}.pt")

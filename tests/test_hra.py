@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from graphopt_plugins.hra import hra_matrix, hra_transform
 from torch import nn
 
 import graphopt
-from graphopt.export import export_graph
+from graphopt.builtin.hra import hra_matrix, hra_transform
 
 
 # -- independent reference (plain PyTorch, from the paper's formula) ----------------------------------
@@ -235,10 +234,10 @@ def test_export_merged_and_unmerged_onnx(tmp_path, gs: bool) -> None:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (out,) = session.run(None, {session.get_inputs()[0].name: x_new.numpy()})
         assert np.abs(out - adapter_out.numpy()).max() <= 1e-5
-    merged = export_graph(m, merge=True)
+    merged = m.export_graph(merge=True)
     assert not any(n.target is hra_transform for n in merged.graph.nodes)
     assert not any("hra_u" in n for n, _ in merged.named_parameters())
-    unmerged = export_graph(m, merge=False)
+    unmerged = m.export_graph(merge=False)
     assert sum(n.target is hra_transform for n in unmerged.graph.nodes) == 3
 
 

@@ -12,10 +12,11 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from graphopt_plugins.layerdrop import LayerDrop, find_blocks
 from torch import nn
 
 import graphopt
+from graphopt.builtin.layerdrop import LayerDrop, LayerSchedule, variant_graph
+from graphopt.rewrite.blocks import find_blocks
 from graphopt.train.step import TrainingStep
 
 DTYPE = torch.float64
@@ -149,8 +150,18 @@ def compiled(model: nn.Module, layerdrop: str, optimizer: str = "sgd(lr=0.1, mom
                             example_inputs=(x,))
 
 
-def method_of(m: graphopt.CompiledModel) -> LayerDrop:
-    return next(x for x in m.methods if isinstance(x, LayerDrop))
+def schedule_of(m: graphopt.CompiledModel) -> LayerSchedule:
+    """A schedule equal to the one ``m`` draws from (draws are a function of seed and step)."""
+    method = next(x for x in m.methods if isinstance(x, LayerDrop))
+    return LayerSchedule(method.schedule, len(m.layerdrop_blocks()), method.seed, method.theta, method.gamma,
+                         method.p_last, method.p)
+
+
+def specialise(m: graphopt.CompiledModel, variant) -> tuple[torch.fx.GraphModule, set[str]]:
+    """The forward graph ``m``'s training step builds for ``variant``, and the parameters it leaves untrained."""
+    method = next(x for x in m.methods if isinstance(x, LayerDrop))
+    paths = [b.path for b in m.layerdrop_blocks()]
+    return variant_graph(paths, method.schedule, method.name, m.graph_module, variant)
 
 
 def block_params(prefix: str, module: nn.Module) -> set[str]:
@@ -170,7 +181,7 @@ def test_blocks_of_a_residual_mlp() -> None:
     assert [b.path for b in m.layerdrop_blocks()] == [b.path for b in blocks]
     # block i's output is block i+1's input: the chain of the residual stream
     assert all(a.output == b.input for a, b in itertools.pairwise(blocks))
-    text = method_of(m).describe(m.graph_module, m.context)
+    text = m.descriptions()["layerdrop"]
     assert "4 blocks" in text and "blocks.3 (ResBlock)" in text
 
 
@@ -241,22 +252,22 @@ def test_progressive_step_equals_torch_with_blocks_frozen(optimizer: str, refere
     ref = copy.deepcopy(model)
     opt = reference(ref.parameters())
     m = compiled(model, "layerdrop(schedule='progressive', seed=3)", optimizer)
-    if m.trainer.optimizer is None or m.trainer.optimizer.name != optimizer.partition("(")[0]:
+    if optimizer.partition("(")[0] not in graphopt.list_methods():
         pytest.skip(f"{optimizer} is not available")
-    method = method_of(m)
+    method = schedule_of(m)
     cutoffs = []
     for step, (x, y) in enumerate(data(10), start=1):
-        cutoff = method.step_variant(step) or 0
+        cutoff = method.variant(step) or 0
         cutoffs.append(cutoff)
         frozen = frozen_below(ref, cutoff)
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
-        state_before = {n: {k: v.clone() for k, v in s.items()} for n, s in m.trainer.state.items()}
+        state_before = {n: {k: v.clone() for k, v in s.items()} for n, s in m.optimizer_state().items()}
         m.step(x, y)
         after = dict(m.named_parameters())
         for name in frozen:  # bit-identical, and so is their optimizer state
             assert torch.equal(after[name], before[name]), (step, name)
             for slot, value in state_before.get(name, {}).items():
-                assert torch.equal(m.trainer.state[name][slot], value), (step, name, slot)
+                assert torch.equal(m.optimizer_state()[name][slot], value), (step, name, slot)
         for name, p in ref.named_parameters():
             p.requires_grad_(name not in frozen)
         opt.zero_grad(set_to_none=True)
@@ -286,13 +297,13 @@ def test_drop_muon_equals_muon_reference_with_blocks_frozen() -> None:
     model = make(blocks=3)
     ref = copy.deepcopy(model)
     m = compiled(model, "layerdrop(schedule='progressive', seed=5)", "muon(lr=0.02, adamw_lr=0.003)")
-    method = method_of(m)
+    method = schedule_of(m)
     matrices = [p for p in ref.parameters() if p.dim() >= 2]
     buffers = {id(p): torch.zeros_like(p) for p in matrices}
     adam = torch.optim.AdamW([p for p in ref.parameters() if p.dim() < 2], lr=0.003, betas=(0.9, 0.95), eps=1e-8,
                              weight_decay=0.0)
     for step, (x, y) in enumerate(data(8), start=1):
-        frozen = frozen_below(ref, method.step_variant(step) or 0)
+        frozen = frozen_below(ref, method.variant(step) or 0)
         m.step(x, y)
         for name, p in ref.named_parameters():
             p.requires_grad_(name not in frozen)
@@ -317,16 +328,14 @@ def test_specialised_graph_removes_dropped_branches() -> None:
     model = make(blocks=4)
     ref = copy.deepcopy(model)
     m = compiled(model, "layerdrop(schedule='uniform')")
-    method = method_of(m)
     x = torch.randn(16, 5, dtype=DTYPE)
-    gm, skipped = method.specialise(m.graph_module, frozenset({1, 2}), m.context)
+    gm, skipped = specialise(m, frozenset({1, 2}))
     torch.testing.assert_close(gm(x), ref(x, skip=frozenset({1, 2})), rtol=0, atol=1e-14)
     assert skipped == block_params("blocks.1", ref.blocks[1]) | block_params("blocks.2", ref.blocks[2])
     stacks = [str(n.meta.get("nn_module_stack")) for n in gm.graph.nodes]
     assert not any("blocks.1" in s or "blocks.2" in s for s in stacks)  # no compute left, no zero masks
     assert sum(n.target is torch.ops.aten.linear.default for n in gm.graph.nodes) == 2 + 2 * 2
     assert not any(n.target is torch.ops.aten.mul.Tensor for n in gm.graph.nodes)
-    assert method.specialise(m.graph_module, frozenset({1, 2}), m.context)[0] is gm  # cached
     # the full graph is untouched
     torch.testing.assert_close(m.graph_module(x), ref(x), rtol=0, atol=1e-14)
 
@@ -336,13 +345,13 @@ def test_specialised_transformer_and_resnet_drop_whole_blocks() -> None:
     model = make(TinyTransformer)
     m = graphopt.compile(copy.deepcopy(model), methods=["layerdrop(schedule='uniform')"], backend="eager",
                          example_inputs=(x,))
-    gm, _ = method_of(m).specialise(m.graph_module, frozenset({0, 2}), m.context)
+    gm, _ = specialise(m, frozenset({0, 2}))
     torch.testing.assert_close(gm(x), model(x, skip=frozenset({0, 2})), rtol=0, atol=1e-14)
     img = torch.randn(2, 3, 6, 6, dtype=DTYPE)
     resnet = make(TinyResNet)
     r = graphopt.compile(copy.deepcopy(resnet), methods=["layerdrop(schedule='uniform')"], backend="eager",
                          example_inputs=(img,))
-    gm, skipped = method_of(r).specialise(r.graph_module, frozenset({0}), r.context)
+    gm, skipped = specialise(r, frozenset({0}))
     buffers = {n: b.clone() for n, b in r.graph_module.named_buffers()}
     torch.testing.assert_close(gm(img), resnet(img, skip=frozenset({0})), rtol=0, atol=1e-14)
     assert skipped == block_params("stage.0", resnet.stage[0])
@@ -358,13 +367,13 @@ def test_dropping_steps_equal_torch_with_blocks_removed(schedule: str) -> None:
     ref = copy.deepcopy(model)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     m = compiled(model, f"layerdrop(schedule={name!r}, seed=11, {options}")
-    method = method_of(m)
+    method = schedule_of(m)
     seen = set()
     for step, (x, y) in enumerate(data(8), start=1):
-        dropped = method.step_variant(step) or frozenset()
+        dropped = method.variant(step) or frozenset()
         seen.add(dropped)
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
-        state_before = {n: {k: v.clone() for k, v in s.items()} for n, s in m.trainer.state.items()}
+        state_before = {n: {k: v.clone() for k, v in s.items()} for n, s in m.optimizer_state().items()}
         m.step(x, y)
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(ref(x, skip=dropped), y).backward()
@@ -376,7 +385,7 @@ def test_dropping_steps_equal_torch_with_blocks_removed(schedule: str) -> None:
             for pname in block_params(f"blocks.{i}", ref.blocks[i]):
                 assert torch.equal(dict(m.named_parameters())[pname], before[pname])
                 for slot, value in state_before.get(pname, {}).items():
-                    assert torch.equal(m.trainer.state[pname][slot], value)
+                    assert torch.equal(m.optimizer_state()[pname][slot], value)
     assert len(seen) >= 3
 
 
@@ -424,16 +433,14 @@ def within(count: float, mean: float, var: float, sigmas: float = 4.0) -> bool:
     return abs(count - mean) <= sigmas * math.sqrt(var) + 1e-9
 
 
-def ld(schedule: str, blocks: int = 6, **options) -> LayerDrop:
-    method = LayerDrop(schedule=schedule, **options)
-    method.prepare(compiled(make(blocks=blocks), "layerdrop").graph_module, None)
-    return method
+def ld(schedule: str, blocks: int = 6, **options) -> LayerSchedule:
+    return LayerSchedule(schedule, blocks, **options)
 
 
 def test_progressive_cutoffs_are_uniform() -> None:
     method = ld("progressive", seed=7)
     steps = 6000
-    counts = Counter(method.step_variant(t) or 0 for t in range(1, steps + 1))
+    counts = Counter(method.variant(t) or 0 for t in range(1, steps + 1))
     assert set(counts) == set(range(6))
     for cutoff in range(6):
         assert within(counts[cutoff], steps / 6, steps * (1 / 6) * (5 / 6)), counts
@@ -446,7 +453,7 @@ def test_pld_keep_rate_follows_theta() -> None:
         kept = mean = var = 0.0
         for t in range(lo, hi):
             theta = (1 - theta_bar) * math.exp(-gamma * (t - 1)) + theta_bar  # Zhang & He 2020
-            kept += blocks - len(method.step_variant(t) or ())
+            kept += blocks - len(method.variant(t) or ())
             mean += blocks * theta
             var += blocks * theta * (1 - theta)
         assert within(kept, mean, var), (lo, hi, kept, mean)
@@ -456,39 +463,40 @@ def test_pld_keep_rate_follows_theta() -> None:
 def test_stochastic_depth_and_uniform_rates() -> None:
     steps, blocks = 4000, 6
     method = ld("stochastic-depth", blocks=blocks, p_last=0.3, seed=4)
-    counts = Counter(i for t in range(1, steps + 1) for i in (method.step_variant(t) or ()))
+    counts = Counter(i for t in range(1, steps + 1) for i in (method.variant(t) or ()))
     for i in range(blocks):
         survive = 1 - ((i + 1) / blocks) * (1 - 0.3)
         assert within(steps - counts[i], steps * survive, steps * survive * (1 - survive)), (i, counts)
     method = ld("uniform", blocks=blocks, p=0.25, seed=4)
-    counts = Counter(i for t in range(1, steps + 1) for i in (method.step_variant(t) or ()))
+    counts = Counter(i for t in range(1, steps + 1) for i in (method.variant(t) or ()))
     for i in range(blocks):
         assert within(counts[i], steps * 0.25, steps * 0.25 * 0.75), (i, counts)
-    pairs = sum(1 for t in range(1, steps + 1) if {0, 1} <= (method.step_variant(t) or set()))
+    pairs = sum(1 for t in range(1, steps + 1) if {0, 1} <= (method.variant(t) or set()))
     assert within(pairs, steps * 0.25 ** 2, steps * 0.0625 * 0.9375)  # blocks drop independently
 
 
 # -- variants, seeds, state ------------------------------------------------------------------------------
 def test_progressive_compiles_at_most_one_graph_per_cutoff() -> None:
     m = compiled(make(blocks=3), "layerdrop(schedule='progressive')")
-    method = method_of(m)
+    method = schedule_of(m)
     for x, y in data(15):
         m.step(x, y)
     assert method.num_variants == 3
-    assert m.trainer.trace_count == len(m.trainer._cache) == 3
-    assert {k[0] for k in m.trainer._cache} == {(), (("layerdrop", 1),), (("layerdrop", 2),)}
+    stats = m.compile_stats()
+    assert stats.traces == len(stats.cached) == 3  # each variant built and traced once
+    assert set(stats.cached) == {(), (("layerdrop", 1),), (("layerdrop", 2),)}
 
 
 def test_variant_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TrainingStep, "max_cached_graphs", 2)
     m = compiled(make(blocks=3), "layerdrop(schedule='uniform', p=0.5)")
-    method = method_of(m)
+    method = schedule_of(m)
     variants = set()
     for step, (x, y) in enumerate(data(10), start=1):
-        variants.add(method.step_variant(step))
+        variants.add(method.variant(step))
         m.step(x, y)
-        assert len(m.trainer._cache) <= 2
-    assert len(variants) > 2 and m.trainer.trace_count >= len(variants)
+        assert len(m.compile_stats().cached) <= 2
+    assert len(variants) > 2 and m.compile_stats().traces >= len(variants)
     assert method.num_variants == 8
 
 
@@ -505,14 +513,14 @@ def test_seed_reproducibility_and_state_round_trip() -> None:
     pa, pb, pc = dict(a.named_parameters()), dict(b.named_parameters()), dict(c.named_parameters())
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
     assert not all(torch.equal(pa[n], pc[n]) for n in pa)
-    assert [method_of(a).step_variant(t) for t in range(1, 30)] != [method_of(c).step_variant(t) for t in range(1, 30)]
+    assert [schedule_of(a).variant(t) for t in range(1, 30)] != [schedule_of(c).variant(t) for t in range(1, 30)]
     # half a run, save, load into a model compiled with another seed, finish: equals the uninterrupted run
     half = run(1, batches[:3])
     saved = half.state_dict()
     assert saved["_graphopt.method.layerdrop.seed"] == 1
     resumed = compiled(make(blocks=2, seed=9), "layerdrop(schedule='uniform', p=0.4, seed=77)")
     resumed.load_state_dict(saved)
-    assert method_of(resumed).seed == 1
+    assert resumed.state_dict()["_graphopt.method.layerdrop.seed"] == 1
     for x, y in batches[3:]:
         resumed.step(x, y)
     pr = dict(resumed.named_parameters())
@@ -529,7 +537,7 @@ def test_progressive_with_inductor_matches_eager() -> None:
     eager, inductor = (dict(m.named_parameters()) for m in models)
     for name in eager:
         torch.testing.assert_close(inductor[name], eager[name], rtol=1e-9, atol=1e-11)
-    assert models[1].trainer.trace_count <= 2
+    assert models[1].compile_stats().traces <= 2
 
 
 # -- transformer layers with extra inputs: tiny HF BERT (post-norm) and GPT-2 (pre-norm) ---------------------
@@ -543,7 +551,7 @@ def hf_model(name: str):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from real_models import MODELS
+    from models import MODELS
 
     rm = MODELS[name]
     return rm, rm.build(0).to(DTYPE), rm.blocks.removesuffix(".*")
@@ -585,7 +593,7 @@ def test_hf_transformer_layers_are_blocks_and_drop_to_the_model_without_them(nam
     for i, block in enumerate(blocks):
         assert set(block.parameters) == block_params(f"{prefix}.{i}", layers[i])
     for dropped in (frozenset({0}), frozenset({1}), frozenset({0, 1})):
-        gm, skipped = method_of(m).specialise(m.graph_module, dropped, m.context)
+        gm, skipped = specialise(m, dropped)
         with LayersRemoved(model, dropped), torch.no_grad():
             expected = model(x)
         torch.testing.assert_close(gm(x), expected, rtol=0, atol=1e-12)
@@ -626,11 +634,11 @@ def test_hf_steps_equal_adamw_with_layers_frozen_or_removed(name: str, schedule:
     m = graphopt.compile(model, methods=[f"layerdrop(schedule={schedule!r}, p=0.5, seed=2)",
                                          "adamw(lr=1e-2, weight_decay=0.01)"],
                          loss_fn=rm.loss_fn, backend="eager", example_inputs=(x0,))
-    method = method_of(m)
+    method = schedule_of(m)
     variants = []
     for step in range(1, 6):
         x, y = rm.batch(4, step)
-        variant = method.step_variant(step)
+        variant = method.variant(step)
         variants.append(variant)
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
         m.step(x, y)
@@ -712,5 +720,5 @@ def test_extra_input_of_the_streams_shape_is_not_taken_for_the_stream() -> None:
     assert all(a.output == b.input for a, b in itertools.pairwise(blocks))  # h, not pos, is the stream
     assert len({b.extras for b in blocks}) == 1 and len(blocks[0].extras) == 1 and "extra inputs" in str(blocks[0])
     for dropped in (frozenset({1}), frozenset({0, 2})):
-        gm, _ = method_of(m).specialise(m.graph_module, dropped, m.context)
+        gm, _ = specialise(m, dropped)
         torch.testing.assert_close(gm(x), model(x, skip=dropped), rtol=0, atol=1e-14)

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from graphopt_plugins.oftv2 import cayley_neumann, oftv2_transform
 from torch import nn
 
 import graphopt
-from graphopt.export import export_graph
+from graphopt.builtin.oftv2 import cayley_neumann, oftv2_transform
 
 
 # -- the independent reference (paper formula, dense) ------------------------------------------------
@@ -284,7 +283,7 @@ def test_export_onnx_matches_adapter_model(tmp_path, k: int, merge: bool) -> Non
         dense = dense_forward(net, {n: q.float() for n, q in qs.items()}, 4, k, x)
     assert (adapter_out - dense).abs().max().item() < 1e-5
 
-    gm = export_graph(m, merge=merge)
+    gm = m.export_graph(merge=merge)
     has_adapter = any(n.op == "call_function" and n.target is oftv2_transform for n in gm.graph.nodes)
     assert has_adapter is (not merge)
     assert any("oftv2_q" in n for n, _ in gm.named_parameters()) is (not merge)

@@ -30,7 +30,7 @@ def peak_above_parameters(spec: str) -> float:
     x, y = torch.randn(4, WIDTH), torch.randint(0, WIDTH, (4,))
     m = graphopt.compile(model, methods=[spec], loss_fn=F.cross_entropy, backend="eager")
     m.step(x, y)  # builds the graph
-    state_mib = sum(v.numel() * v.element_size() for s in m.trainer.state.values() for v in s.values()) / 2**20
+    state_mib = sum(v.numel() * v.element_size() for s in m.optimizer_state().values() for v in s.values()) / 2**20
     return peak_memory_mib(lambda: m.step(x, y)) - LAYERS * GRAD_MIB - state_mib
 
 

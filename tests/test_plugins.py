@@ -30,15 +30,11 @@ class ScaleInputs(graphopt.Method):
         self.targets, self.init = targets, init
         self.check(init > 0, "init", "use init > 0")
 
-    def rewrite(self, gm, ctx):
-        for layer in ctx.select(gm, self.targets):
-            name = ctx.add_parameter(gm, layer.path, "scale", torch.full((layer.in_features,), self.init))
-            insert_input_transform(gm, ctx, layer, scale_inputs, [name])
-        return gm
-
-    def fold(self, gm, ctx):
-        fold_input_transforms(gm, scale_inputs, lambda weight, scale: weight * scale)
-        return gm
+    def apply(self, gm, ctx):
+        for layer in ctx.select(self.targets):
+            name = ctx.add_parameter(layer.path, "scale", torch.full((layer.in_features,), self.init))
+            insert_input_transform(ctx, layer, scale_inputs, [name])
+        ctx.add_export_pass(lambda g: fold_input_transforms(g, scale_inputs, lambda w, s: w * s), merge=True)
 
 
 @graphopt.hookimpl
@@ -81,7 +77,7 @@ def test_disabled_plugin_is_blocked(install_plugin, monkeypatch) -> None:
 def test_duplicate_method_names_name_both_plugins(install_plugin) -> None:
     install_plugin("toy-sgd-clash", "clash", "toy_clash", """
         import graphopt
-        from graphopt_plugins.sgd import SGD
+        from graphopt.builtin.sgd import SGD
 
         class OtherSGD(SGD):
             '''Another sgd.'''
@@ -128,11 +124,11 @@ class Recorder:
         self.events: list[tuple] = []
 
     @graphopt.hookimpl
-    def graphopt_before_rewrite(self, method, graph_module, ctx):
+    def graphopt_before_apply(self, method, graph_module, ctx):
         self.events.append(("before", method.name, len(graph_module.graph.nodes)))
 
     @graphopt.hookimpl
-    def graphopt_after_rewrite(self, method, graph_module, ctx):
+    def graphopt_after_apply(self, method, graph_module, ctx):
         self.events.append(("after", method.name, len(graph_module.graph.nodes)))
 
     @graphopt.hookimpl
@@ -153,7 +149,7 @@ def test_observer_hooks_run_in_order(install_plugin, mlp) -> None:
     loss = m.step(x, y)
     assert [e[:2] for e in recorder.events] == [
         ("before", "scale-inputs"), ("after", "scale-inputs"),  # forward stage, at capture
-        ("before", "sgd"), ("after", "sgd"),  # training stage, on the traced step graph
+        ("before", "sgd"), ("after", "sgd"),  # training stage, at capture too, after the forward stage
         ("step", 1),
     ]
     assert recorder.events[1][2] > recorder.events[0][2]  # the rewrite added nodes

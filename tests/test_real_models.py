@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.export import export_graph
 from graphopt.rewrite.layers import layer_calls
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
-from real_models import BERT, GPT2, MODELS, RESNET, RealModel
+from models import BERT, GPT2, MODELS, RESNET, RealModel
 
 ADAPTERS = ("hra", "oftv2", "sora")
 METHODS = (*ADAPTERS, "tract", "layerdrop")
@@ -193,8 +192,8 @@ def test_gpt2_folded_adapters_onnx_matches_pytorch_on_two_shapes(gpt2_hra: dict,
         assert (torch.from_numpy(actual) - expected).abs().max().item() <= 1e-4
     m.train()
     # merge=True: the exported graph has exactly the base model's parameters (adapters folded into W)
-    assert sum(p.numel() for p in export_graph(m, merge=True).parameters()) == base_parameter_count(model)
-    assert sum(p.numel() for p in export_graph(m, merge=False).parameters()) > base_parameter_count(model)
+    assert sum(p.numel() for p in m.export_graph(merge=True).parameters()) == base_parameter_count(model)
+    assert sum(p.numel() for p in m.export_graph(merge=False).parameters()) > base_parameter_count(model)
 
 
 def test_gpt2_export_py_states_the_base_parameter_count(gpt2_hra: dict, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ proximal gate step against the closed-form soft-threshold, the sparsity schedule
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -10,11 +11,10 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
-from graphopt_plugins.sora import lambda_at
 from torch import nn
 
 import graphopt
-from graphopt.export import export_graph
+from graphopt.builtin.sora import lambda_at
 
 LAYERS = ("encoder.0", "encoder.2", "head")
 
@@ -252,7 +252,7 @@ def test_scheduled_lambda_reaches_the_step_graph_without_recompiling(mlp64) -> N
         for path in LAYERS:
             torch.testing.assert_close(dict(m.named_parameters())[f"{path}.sora_gate"].detach(),
                                        torch.full((2,), gate, dtype=torch.float64), rtol=0, atol=1e-14)
-    assert m.trainer.trace_count == 1
+    assert m.compile_stats().traces == 1
 
 
 # -- errors ------------------------------------------------------------------------------------------------
@@ -298,8 +298,9 @@ def test_prune_keeps_outputs_and_shrinks_ranks(mlp, tmp_path) -> None:
     m.step(x, t)  # creates momentum buffers
     randomise(m, seed=7, gates=PRUNE_GATES)
     before = dict(m.named_parameters())
-    buffers = {n: s["momentum_buffer"].clone() for n, s in m.trainer.state.items()}
+    buffers = {n: s["momentum_buffer"].clone() for n, s in m.optimizer_state().items()}
     y_before = m(x).detach()
+    y_before64 = copy.deepcopy(m.graph_module).double()(x.double())
     assert m.sora_ranks() == {"encoder.0": (3, 5), "encoder.2": (0, 5), "head": (5, 5)}
 
     assert m.prune() is m  # in place; returns the model for chaining
@@ -311,11 +312,14 @@ def test_prune_keeps_outputs_and_shrinks_ranks(mlp, tmp_path) -> None:
     torch.testing.assert_close(params["encoder.0.sora_A"], before["encoder.0.sora_A"][keep], rtol=0, atol=0)
     torch.testing.assert_close(params["encoder.0.sora_B"], before["encoder.0.sora_B"][:, keep], rtol=0, atol=0)
     assert m.sora_ranks() == {"encoder.0": (3, 5), "encoder.2": (0, 5), "head": (5, 5)}
-    assert (m(x).detach() - y_before).abs().max() <= 1e-6
-    assert (m.eval()(x).detach() - y_before).abs().max() <= 1e-6
+    # the pruned ranks had zero gates: the same function (exact in float64; float32 differs by rounding, the
+    # random factors make branch terms much larger than the outputs)
+    torch.testing.assert_close(copy.deepcopy(m.graph_module).double()(x.double()), y_before64, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m(x).detach(), y_before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.eval()(x).detach(), y_before, rtol=1e-5, atol=1e-5)
     m.train()
     # optimizer state follows the kept ranks; the dropped parameters lose theirs
-    state = m.trainer.state
+    state = m.optimizer_state()
     torch.testing.assert_close(state["encoder.0.sora_B"]["momentum_buffer"], buffers["encoder.0.sora_B"][:, keep])
     assert not any(n.startswith("encoder.2.") for n in state)
     assert m.prune() is m and m.sora_ranks()["encoder.0"] == (3, 5)  # nothing left to prune
@@ -323,11 +327,11 @@ def test_prune_keeps_outputs_and_shrinks_ranks(mlp, tmp_path) -> None:
     # a training step after pruning equals SGD with momentum on the pruned factors (formula in the test)
     ref = {n: p.detach().clone() for n, p in m.named_parameters()}
     ref_buf = {n: s["momentum_buffer"].clone() for n, s in state.items()}
-    traces = m.trainer.trace_count
+    traces = m.compile_stats().traces
     loss = F.cross_entropy(m(x), t)
     grads = dict(zip(ref, torch.autograd.grad(loss, list(dict(m.named_parameters()).values()))))
     m.step(x, t)
-    assert m.trainer.trace_count == traces + 1  # the step graph was rebuilt for the new shapes
+    assert m.compile_stats().traces == traces + 1  # the step graph was rebuilt for the new shapes
     for name, p in m.named_parameters():
         torch.testing.assert_close(p.detach(), ref[name] - 0.05 * (0.9 * ref_buf[name] + grads[name]),
                                    rtol=1e-6, atol=1e-7)
@@ -343,7 +347,7 @@ def test_prune_keeps_outputs_and_shrinks_ranks(mlp, tmp_path) -> None:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (out,) = session.run(None, {session.get_inputs()[0].name: x2.numpy()})
         np.testing.assert_allclose(out, y2, rtol=0, atol=1e-5)
-    gm = export_graph(m, merge=False)
+    gm = m.export_graph(merge=False)
     shapes = {n: tuple(p.shape) for n, p in gm.named_parameters()}
     assert shapes["encoder.0.sora_A"] == (3, 8) and "encoder.2.sora_A" not in shapes
     assert "sora_gate" not in gm.code and "lora_delta" in gm.code  # the gate is folded into A′
@@ -355,7 +359,7 @@ def test_unmerged_export_writes_plain_lora_factors_on_active_ranks(mlp64) -> Non
     with torch.no_grad():
         dict(m.named_parameters())["encoder.0.sora_gate"][1] = 0.0  # one inactive rank, not pruned
     params = {n: p.detach().clone() for n, p in m.graph_module.named_parameters()}
-    gm = export_graph(m, merge=False)
+    gm = m.export_graph(merge=False)
     exported = dict(gm.named_parameters())
     A, B, g = (params[f"encoder.0.sora_{n}"] for n in ("A", "B", "gate"))
     keep = torch.tensor([0, 2])
@@ -371,7 +375,7 @@ def test_merge_folds_into_the_weight(mlp64) -> None:
     m = compiled(mlp64, "sora(r=3, alpha=6)")
     randomise(m, seed=8)
     params = dict(m.graph_module.named_parameters())
-    gm = export_graph(m, merge=True)
+    gm = m.export_graph(merge=True)
     assert not [n for n, _ in gm.named_parameters() if "sora" in n]
     assert "sora_delta" not in gm.code
     for path in LAYERS:

@@ -3,42 +3,38 @@
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EXAMPLE_PLUGIN
 
 import graphopt
 import graphopt.plugins
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "third_party_plugin"
-
-
-@pytest.fixture
-def ia3_installed(tmp_path, monkeypatch, fresh_plugins):
-    """The example package on sys.path with the dist-info `pip install` would write for its pyproject."""
-    info = tmp_path / "graphopt_ia3-0.1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: graphopt-ia3\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text("[graphopt]\nia3 = graphopt_ia3\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.syspath_prepend(str(EXAMPLE))
-    graphopt.plugins.reset()
-    yield
-    sys.modules.pop("graphopt_ia3", None)
-
 
 def test_entry_point_in_pyproject_matches_the_fixture() -> None:
-    assert '[project.entry-points.graphopt]\nia3 = "graphopt_ia3"' in (EXAMPLE / "pyproject.toml").read_text()
+    text = (EXAMPLE_PLUGIN / "pyproject.toml").read_text()
+    assert '[project.entry-points.graphopt]\npeft_extras = "graphopt_peft_extras"' in text
 
 
-def test_ia3_forward_training_and_export(ia3_installed, mlp, tmp_path) -> None:
-    info = graphopt.list_methods()["ia3"]
-    assert (info.plugin, info.stage, [o.name for o in info.options]) == ("graphopt-ia3", "forward", ["targets"])
+def test_both_methods_are_listed_with_their_distribution(example_plugin) -> None:
+    methods = graphopt.list_methods()
+    assert (methods["ia3"].plugin, methods["ia3"].stage, [o.name for o in methods["ia3"].options]) == (
+        "graphopt-peft-extras", "forward", ["targets"])
+    assert [o.name for o in methods["vera"].options] == ["r", "d_init", "targets", "seed"]
+
+
+def onnx_matches(m: graphopt.CompiledModel, x: torch.Tensor, path) -> None:
+    report = graphopt.export(m, path, example_inputs=(x,), merge=True)
+    session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(out, m(x).detach().numpy(), rtol=0, atol=1e-5)
+
+
+def test_ia3_forward_training_and_export(example_plugin, mlp, tmp_path) -> None:
     model = mlp.double()
     reference = copy.deepcopy(model)
     x, y = torch.randn(6, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
@@ -55,17 +51,44 @@ def test_ia3_forward_training_and_export(ia3_installed, mlp, tmp_path) -> None:
     m.step(x, y)
     torch.testing.assert_close(dict(m.named_parameters())["head.ia3_scale"], scale.detach() - 0.5 * grad,
                                rtol=0, atol=1e-12)
-
     m.eval()
     m.graph_module.float()
-    xf = x.float()
-    report = graphopt.export(m, tmp_path / "ia3.onnx", example_inputs=(xf,), merge=True)
-    session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: xf.numpy()})
-    np.testing.assert_allclose(out, m(xf).detach().numpy(), rtol=0, atol=1e-5)
+    onnx_matches(m, x.float(), tmp_path / "ia3.onnx")
 
 
-def test_blocked_by_entry_point_name(ia3_installed, monkeypatch) -> None:
-    monkeypatch.setenv("GRAPHOPT_DISABLE_PLUGINS", "ia3")
+def test_vera_output_delta_equals_the_formula(example_plugin, mlp, tmp_path) -> None:
+    """VeRA (Kopiczko et al. 2024): y = x Wᵀ + b + λ_b ⊙ ((x Aᵀ ⊙ λ_d) Bᵀ), A and B frozen."""
+    model = mlp.double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    m = graphopt.compile(model, methods=["vera(r=4, targets='encoder.*')", "sgd(lr=0.5)"], loss_fn=F.cross_entropy,
+                         example_inputs=(x,), backend="eager")
+    torch.testing.assert_close(m(x), reference(x), rtol=0, atol=0)  # λ_b = 0 at init
+    assert sorted(n for n, _ in m.named_parameters()) == [
+        "encoder.0.vera_b", "encoder.0.vera_d", "encoder.2.vera_b", "encoder.2.vera_d"]
+    for _ in range(3):
+        m.step(x, y)
+    gm = m.graph_module
+
+    def branch(path: str, h: torch.Tensor) -> torch.Tensor:
+        a, b, d, lb = (gm.get_parameter(f"{path}.vera_{k}") for k in ("A", "B", "d", "b"))
+        layer = reference.get_submodule(path)
+        return F.linear(h, layer.weight, layer.bias) + lb * (((h @ a.t()) * d) @ b.t())
+
+    hidden = torch.tanh(branch("encoder.2", F.gelu(branch("encoder.0", x))))
+    torch.testing.assert_close(m(x), reference.head(hidden), rtol=0, atol=1e-12)
+    assert gm.get_parameter("encoder.0.vera_b").abs().sum() > 0  # trained away from zero
+    m.eval()
+    m.graph_module.float()
+    onnx_matches(m, x.float(), tmp_path / "vera.onnx")
+
+
+def test_blocked_by_entry_point_name(example_plugin, monkeypatch) -> None:
+    monkeypatch.setenv("GRAPHOPT_DISABLE_PLUGINS", "peft_extras")
     graphopt.plugins.reset()
-    assert "ia3" not in graphopt.list_methods()
+    assert "ia3" not in graphopt.list_methods() and "vera" not in graphopt.list_methods()
+
+
+def test_unknown_option_names_the_plugin_method(example_plugin) -> None:
+    with pytest.raises(graphopt.OptionError, match=r"method 'vera' has no option 'rank'.*r=16"):
+        graphopt.compile(methods=["vera(rank=4)"])

@@ -12,11 +12,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from graphopt_plugins.tract import tract_conv2d, tract_linear
 from torch import nn
 
 import graphopt
-from graphopt.export import export_graph
+from graphopt.builtin.tract import tract_conv2d, tract_linear
 
 TRACT_OPS = (torch.ops.graphopt.tract_linear.default, torch.ops.graphopt.tract_conv2d.default)
 
@@ -334,7 +333,7 @@ def test_export_onnx(tmp_path, merge: bool) -> None:
     x = torch.randn(3, 4, 7, 7)
     m = graphopt.compile(SmallCNN(), methods=["tract", "sgd(lr=0.1)"], loss_fn=F.cross_entropy, backend="eager")
     m.step(x, torch.tensor([0, 1, 2]))
-    gm = export_graph(m, merge=merge)
+    gm = m.export_graph(merge=merge)
     assert len(tract_layers(gm)) == (0 if merge else 1)
     report = graphopt.export(m.eval(), tmp_path / "cnn.onnx", example_inputs=(x,), merge=merge)
     assert report.max_abs_diff < 1e-4  # graphopt.export ran the file in onnxruntime against PyTorch

@@ -12,45 +12,68 @@ are transposed for you). An *output delta* ``y ← y + fn(x, *params)`` (LoRA-st
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from graphopt.rewrite.context import RewriteContext
 from graphopt.rewrite.layers import LayerCall
+from graphopt.rewrite.meta import set_layer_path
+
+if TYPE_CHECKING:
+    from graphopt.context import MethodContext
 
 aten = torch.ops.aten
 _INPUT_INDEX = {"linear": 0, "conv2d": 0, "addmm": 1}
 
 
-def insert_input_transform(gm: torch.fx.GraphModule, ctx: RewriteContext, layer: LayerCall, fn: Callable[..., Any],
+def _copy_layer_meta(node: torch.fx.Node, layer: LayerCall) -> None:
+    node.meta.update({k: v for k, v in layer.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    set_layer_path(node, layer.path)
+
+
+def insert_input_transform(ctx: MethodContext, layer: LayerCall, fn: Callable[..., Any],
                            param_names: Sequence[str], **kwargs: Any) -> torch.fx.Node:
     """Insert ``fn(x, *params, **kwargs)`` before ``layer`` and make the layer read its result."""
+    graph = ctx.graph_module.graph
     index = _INPUT_INDEX[layer.kind]
     source = layer.node.args[index]
-    params = [ctx.get_attr(gm, name, layer.node) for name in param_names]
-    with gm.graph.inserting_before(layer.node):
-        node = gm.graph.call_function(fn, (source, *params), kwargs)
-    node.meta.update({k: v for k, v in layer.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    node.meta["graphopt_layer"] = layer.path
+    params = [ctx.get_attr(name, layer.node) for name in param_names]
+    with graph.inserting_before(layer.node):
+        node = graph.call_function(fn, (source, *params), kwargs)
+    _copy_layer_meta(node, layer)
     layer.node.update_arg(index, node)
     return node
 
 
-def insert_output_delta(gm: torch.fx.GraphModule, ctx: RewriteContext, layer: LayerCall, fn: Callable[..., Any],
+def insert_output_delta(ctx: MethodContext, layer: LayerCall, fn: Callable[..., Any],
                         param_names: Sequence[str], **kwargs: Any) -> torch.fx.Node:
-    """Replace the layer's output ``y`` by ``y + fn(x, *params, **kwargs)``; returns the add node."""
+    """Replace the layer's output ``y`` by ``y + fn(x, *params, **kwargs)``; returns the ``fn`` node."""
+    graph = ctx.graph_module.graph
     source = layer.node.args[_INPUT_INDEX[layer.kind]]
-    params = [ctx.get_attr(gm, name, layer.node) for name in param_names]
-    with gm.graph.inserting_after(layer.node):
-        delta = gm.graph.call_function(fn, (source, *params), kwargs)
-    with gm.graph.inserting_after(delta):
-        total = gm.graph.call_function(aten.add.Tensor, (layer.node, delta))
+    params = [ctx.get_attr(name, layer.node) for name in param_names]
+    with graph.inserting_after(layer.node):
+        delta = graph.call_function(fn, (source, *params), kwargs)
+    with graph.inserting_after(delta):
+        total = graph.call_function(aten.add.Tensor, (layer.node, delta))
     layer.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
     for node in (delta, total):
-        node.meta.update({k: v for k, v in layer.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        node.meta["graphopt_layer"] = layer.path
-    return total
+        _copy_layer_meta(node, layer)
+    return delta
+
+
+def remove_output_delta(gm: torch.fx.GraphModule, delta: torch.fx.Node) -> list[str]:
+    """Undo :func:`insert_output_delta` for the ``fn`` node ``delta``: the layer's output is used as is again.
+    Returns the names of the parameters the branch read (their ``get_attr`` nodes are erased if unused)."""
+    (total,) = delta.users
+    layer_node = next(a for a in total.args if a is not delta)
+    total.replace_all_uses_with(layer_node)
+    gm.graph.erase_node(total)
+    param_nodes = [a for a in delta.args[1:] if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+    gm.graph.erase_node(delta)
+    for node in param_nodes:
+        if not node.users:
+            gm.graph.erase_node(node)
+    return [node.target for node in param_nodes]
 
 
 def _attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
@@ -109,9 +132,7 @@ def fold_output_deltas(gm: torch.fx.GraphModule, fn: Callable[..., Any],
         with torch.no_grad():
             weight = _weight_out_in(gm, layer_node, kind)
             _set_weight(gm, layer_node, kind, weight + fold_delta(*params, **node.kwargs).to(weight.dtype))
-        total.replace_all_uses_with(layer_node)
-        gm.graph.erase_node(total)
-        gm.graph.erase_node(node)
+        remove_output_delta(gm, node)
         count += 1
     gm.recompile()
     return count

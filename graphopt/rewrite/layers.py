@@ -15,6 +15,7 @@ import torch
 from graphopt.errors import OptionError
 
 aten = torch.ops.aten
+DEFAULT_KINDS = ("linear", "conv2d", "addmm")
 
 
 @dataclass
@@ -55,7 +56,7 @@ def _attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor 
     return value if isinstance(value, torch.Tensor) else None
 
 
-def layer_calls(gm: torch.fx.GraphModule, kinds: Iterable[str] = ("linear", "conv2d", "addmm")) -> list[LayerCall]:
+def layer_calls(gm: torch.fx.GraphModule, kinds: Iterable[str] = DEFAULT_KINDS) -> list[LayerCall]:
     """Linear/conv calls whose weight is a module attribute, in execution order."""
     wanted = set(kinds)
     found: list[LayerCall] = []
@@ -79,7 +80,7 @@ def layer_calls(gm: torch.fx.GraphModule, kinds: Iterable[str] = ("linear", "con
 
 
 def select_layers(
-    layers: Sequence[LayerCall], targets: str | Sequence[str] | None, method: str, what: str = "linear"
+    layers: Sequence[LayerCall], targets: str | Iterable[str] | None, method: str, what: str = "linear"
 ) -> list[LayerCall]:
     """The layers whose path matches any glob in ``targets`` (all when None); no match is an ``OptionError``."""
     if targets is None:
@@ -97,3 +98,19 @@ def select_layers(
             f"layer; available {what} layers: {available}"
         )
     return chosen
+
+
+def module_types(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Module path → type name, from the ``nn_module_stack`` the capture recorded (and the graph's own
+    submodules where no node names one)."""
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        for value in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(value, tuple) and len(value) > 1 and isinstance(value[0], str):
+                kind = value[1]
+                name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+                found.setdefault(value[0], name.rpartition(".")[2])
+    for path, module in gm.named_modules():
+        if path and path not in found and type(module) not in (torch.nn.Module, torch.fx.GraphModule):
+            found[path] = type(module).__name__
+    return found

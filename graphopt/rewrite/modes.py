@@ -1,38 +1,46 @@
-"""Inference form of a captured training graph: dropout off, batch norm on running statistics.
+"""Copies of a captured graph that share its parameters: plain (step variants), and the inference form
+(dropout off, batch norm on running statistics).
 
 ``torch.export`` records the training-mode ops (``aten.dropout(x, p, train=True)``,
 ``aten.batch_norm(..., training=True, ...)``) and an exported GraphModule refuses ``.eval()``, so the
-inference graph is a copy with those flags flipped; it shares the parameters of the training graph.
+inference graph is a copy with those flags flipped.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
-
-from graphopt.quiet import quiet_torch_internals
 
 aten = torch.ops.aten
 _TRAIN_FLAG = {aten.dropout.default: 2, aten.batch_norm.default: 5, aten.feature_dropout.default: 2,
                aten.alpha_dropout.default: 2}
 
 
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph (same node names and meta) sharing its parameters."""
+    graph = torch.fx.Graph()
+    mapping: dict[torch.fx.Node, torch.fx.Node] = {}
+    output = graph.graph_copy(gm.graph, mapping)
+    graph.output(output)
+    graph._codegen = gm.graph._codegen
+    copy = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copy.meta.update(gm.meta)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    return copy
+
+
+
 def inference_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule sharing ``gm``'s parameters whose graph runs in inference mode."""
-    with quiet_torch_internals():
-        graph = copy.deepcopy(gm.graph)
+    inference = copy_graph_module(gm)
+    graph = inference.graph
     for node in list(graph.nodes):
         index = _TRAIN_FLAG.get(node.target)
         if index is not None and len(node.args) > index:
             node.update_arg(index, False)
         elif node.target is aten.add_.Tensor and _is_batch_counter(node):
             graph.erase_node(node)
-    inference = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    inference.meta.update(gm.meta)
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(inference, attr, getattr(gm, attr))
     inference.training = False  # the flag only: an exported GraphModule refuses .eval()
     inference.recompile()
     return inference

@@ -1,24 +1,27 @@
-"""The pass manager: runs each method's ``rewrite`` in stage order and checks what it returns.
+"""The pass manager: applies each method to the captured forward graph and checks what it left.
 
-Forward-stage methods run in the order the user listed them. After each rewrite the graph is linted
-and run on the example inputs; its output must keep the structure and shapes of the original. A failure
-names the method and its plugin. Rewrites work on graphopt's private copy of the model, so a failure
-leaves the user's model as it was and returns nothing half-changed.
+Order: every ``"forward"``-stage method in the order the user listed them; then, if any of them added a
+trainable parameter, every other parameter is frozen; then every ``"training"``-stage method (they see the
+final forward graph and which parameters train). Each ``apply`` runs through the dispatcher, between the
+``graphopt_before_apply`` / ``graphopt_after_apply`` hooks; after it the graph is linted and run on the
+example inputs, and its output must keep the structure, shapes and dtypes it had. A failure names the
+method, its plugin and the phase. Methods work on graphopt's private copy of the model.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from graphopt.errors import OptionError, RewriteError
-from graphopt.methods import Method
-from graphopt.plugins import get_plugin_manager, plugin_of
-from graphopt.rewrite.context import RewriteContext
+from graphopt.captured import CapturedModel
+from graphopt.context import MethodContext
+from graphopt.dispatch import APPLY, dispatch, method_error
+from graphopt.method import Method
+from graphopt.plugins import get_plugin_manager
 
 
 def output_signature(output: Any) -> Any:
@@ -40,96 +43,50 @@ def no_side_effects(gm: torch.fx.GraphModule) -> Iterator[None]:
                     buffer.copy_(saved[name])
 
 
-def lint(method: Method, gm: torch.fx.GraphModule) -> None:
-    """The check every rewritten graph gets: FX lint and regenerated code."""
+def check_graph(ctx: MethodContext, gm: torch.fx.GraphModule, expected: Any) -> None:
+    """Lint ``gm`` and run it on the example inputs; its output must match the ``expected`` signature."""
     try:
         gm.graph.lint()
         gm.recompile()
     except Exception as err:
-        raise RewriteError(
-            f"method {method.name!r} (plugin {plugin_of(method)!r}) produced an invalid graph: "
-            f"{type(err).__name__}: {err}"
-        ) from err
-
-
-def run_rewrite(method: Method, gm: torch.fx.GraphModule, ctx: RewriteContext,
-                check: Callable[[Method, torch.fx.GraphModule], None] = lint) -> torch.fx.GraphModule:
-    """``method.rewrite``, then ``check``, between the before/after hooks; errors name the plugin."""
-    hooks = get_plugin_manager().hook
-    ctx.method = method
-    hooks.graphopt_before_rewrite(method=method, graph_module=gm, ctx=ctx)
-    try:
-        result = method.rewrite(gm, ctx)
-    except OptionError:
-        raise
-    except Exception as err:
-        raise RewriteError(
-            f"method {method.name!r} (plugin {plugin_of(method)!r}) failed to rewrite the graph: "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    if not isinstance(result, torch.fx.GraphModule):
-        raise RewriteError(
-            f"method {method.name!r} (plugin {plugin_of(method)!r}) returned {type(result).__name__}, "
-            "not a torch.fx.GraphModule"
-        )
-    check(method, result)
-    hooks.graphopt_after_rewrite(method=method, graph_module=result, ctx=ctx)
-    return result
-
-
-def check_graph(method: Method, gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...], expected: Any) -> None:
-    """Lint ``gm`` and run it on ``example_inputs``; the output must match the ``expected`` signature."""
-    lint(method, gm)
+        raise method_error(ctx, APPLY, f"produced an invalid graph: {type(err).__name__}: {err}") from err
     try:
         with no_side_effects(gm):
-            output = gm(*example_inputs)
+            output = gm(*ctx.example_inputs)
     except Exception as err:
-        raise RewriteError(
-            f"method {method.name!r} (plugin {plugin_of(method)!r}) produced a graph that does not run: "
-            f"{type(err).__name__}: {err}"
-        ) from err
+        raise method_error(ctx, APPLY, f"produced a graph that does not run: {type(err).__name__}: {err}") from err
     if output_signature(output) != expected:
-        raise RewriteError(
-            f"method {method.name!r} (plugin {plugin_of(method)!r}) changed the model's output from "
-            f"{expected[1]} to {output_signature(output)[1]}"
-        )
+        raise method_error(ctx, APPLY, f"changed the model's output from {expected[1]} to "
+                                       f"{output_signature(output)[1]}")
 
 
-def run_forward_stage(
-    gm: torch.fx.GraphModule, methods: list[Method], example_inputs: tuple[Any, ...]
-) -> RewriteContext:
-    """Apply every forward-stage method to ``gm`` in order; freeze base weights when adapters were added;
-    then call every method's ``prepare(gm, ctx)``.
-
-    ``gm`` is graphopt's own copy: on error it is simply dropped by the caller.
-    """
-    ctx = RewriteContext(example_inputs=example_inputs)
+def apply_methods(captured: CapturedModel, methods: list[Method]) -> None:
+    """Apply ``methods`` to ``captured.gm`` in stage order (see the module docstring), recording their
+    contexts and contributions on ``captured``."""
+    gm = captured.gm
     with no_side_effects(gm):
-        expected = output_signature(gm(*example_inputs))
-
-    def check(method: Method, result: torch.fx.GraphModule) -> None:
-        if result is not gm:
-            raise RewriteError(
-                f"method {method.name!r} (plugin {plugin_of(method)!r}) must rewrite the forward graph in place "
-                "(modify and return the GraphModule it was given)"
-            )
-        check_graph(method, gm, example_inputs, expected)
-
+        expected = output_signature(gm(*captured.example_inputs))
     for method in methods:
         if method.stage == "forward":
-            run_rewrite(method, gm, ctx, check)
-    if ctx.added_parameters:
+            _apply(captured, method, expected)
+    if captured.contributions.parameters:
         for name, param in gm.named_parameters():
-            if name not in ctx.added_parameters:
+            if name not in captured.contributions.parameters:
                 param.requires_grad_(False)
-    for method in methods:  # every method sees the final forward graph once (Method.prepare)
-        ctx.method = method
-        try:
-            method.prepare(gm, ctx)
-        except OptionError:
-            raise
-        except Exception as err:
-            raise RewriteError(
-                f"method {method.name!r} (plugin {plugin_of(method)!r}) failed to prepare: {type(err).__name__}: {err}"
-            ) from err
-    return ctx
+    for method in methods:
+        if method.stage == "training":
+            _apply(captured, method, expected)
+
+
+def _apply(captured: CapturedModel, method: Method, expected: Any) -> None:
+    gm = captured.gm
+    hooks = get_plugin_manager().hook
+    ctx = MethodContext(method, captured)
+    captured.contexts.append(ctx)
+    hooks.graphopt_before_apply(method=method, graph_module=gm, ctx=ctx)
+    result = dispatch(ctx, APPLY, "apply", method.apply, gm, ctx)
+    if result is not None and result is not gm:
+        raise method_error(ctx, APPLY, "must rewrite the forward graph in place: apply(gm, ctx) changes gm and "
+                                       f"returns None (it returned {type(result).__name__})")
+    check_graph(ctx, gm, expected)
+    hooks.graphopt_after_apply(method=method, graph_module=gm, ctx=ctx)

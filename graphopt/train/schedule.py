@@ -1,7 +1,7 @@
 """Schedule each parameter's update right after its gradient exists in the traced training graph.
 
 ``build_step_function`` traces the updates after the whole backward pass, each parameter's update nodes
-tagged ``node.meta["custom"]["graphopt_update"] = name`` (``torch.fx.traceback.annotate``). Left there,
+tagged with its name (``graphopt.rewrite.meta.update_tag``, set through ``torch.fx.traceback.annotate``). Left there,
 every gradient stays alive until the end of the backward pass. :func:`schedule_updates` moves each
 tagged group of nodes to the earliest point where
 
@@ -25,13 +25,7 @@ from typing import Any
 
 import torch
 
-UPDATE_TAG = "graphopt_update"
-
-
-def update_tag(node: torch.fx.Node) -> str | None:
-    """The parameter name a node's update belongs to, or None for nodes that are not updates."""
-    custom = node.meta.get("custom") or {}
-    return custom.get(UPDATE_TAG)
+from graphopt.rewrite.meta import update_tag
 
 
 def _schema_args(node: torch.fx.Node) -> list[tuple[Any, Any]]:

@@ -1,8 +1,9 @@
-"""Tiny, random-init third-party models for graphopt's real-model tests, example and bench (no downloads).
+"""The test models shared by several test files: small hand-written models, and tiny random-init
+third-party (``transformers``) models built from configs (no downloads).
 
-Each builder returns an ``nn.Module`` whose forward returns a plain logits tensor (so ``loss_fn`` gets a
-tensor), with dropout off so a captured step and the eager model see the same numbers. Configs are
-small: 2 layers, hidden 64, vocab 256.
+Each ``transformers`` builder returns an ``nn.Module`` whose forward returns a plain logits tensor (so
+``loss_fn`` gets a tensor), with dropout off so a captured step and the eager model see the same numbers.
+Configs are small: 2 layers, hidden 64, vocab 256.
 """
 
 from __future__ import annotations
@@ -13,6 +14,45 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+class MLP(nn.Module):
+    """Two hidden layers with named submodules, so module paths are readable (``encoder.0``, ``head``)."""
+
+    def __init__(self, d_in: int = 8, hidden: int = 16, d_out: int = 4) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class ResidualBlock(nn.Module):
+    """``x + dropout(W₂ gelu(W₁ x))``."""
+
+    def __init__(self, width: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(width, width), nn.Linear(width, width), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.fc2(F.gelu(self.fc1(x))))
+
+
+class ResidualMLP(nn.Module):
+    """A stem ``Linear``, residual blocks with dropout (on, as users train), a head: every built-in method
+    applies to it (tract on the stem, adapters on any linear layer, layerdrop on the blocks; widths are
+    multiples of oftv2's default block size 32)."""
+
+    def __init__(self, d_in: int = 32, width: int = 64, d_out: int = 4, blocks: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.stem = nn.Linear(d_in, width)
+        self.blocks = nn.Sequential(*[ResidualBlock(width, dropout) for _ in range(blocks)])
+        self.head = nn.Linear(width, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(F.gelu(self.stem(x))))
+
 
 VOCAB = 256
 SEQ = 8

@@ -19,8 +19,8 @@ rotate each block ``x_j ← x_j R_j`` (one batched matmul over blocks), then run
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -123,14 +123,12 @@ class OFTv2(graphopt.Method):
         self.check(neumann_terms >= 0, "neumann_terms",
                    "use neumann_terms >= 0 (0: exact Cayley by a solve; K >= 1: K Neumann terms)")
 
-    def _check_targets(self, gm: torch.fx.GraphModule, ctx: Any) -> None:
+    def _check_targets(self, ctx: graphopt.MethodContext) -> None:
         if self.targets is None:
             return
-        import fnmatch
-
         patterns = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        linear = {layer.path for layer in ctx.layers(gm, ("linear", "addmm"))}
-        convs = sorted({layer.path for layer in ctx.layers(gm, ("conv2d",))
+        linear = {layer.path for layer in ctx.layers(("linear", "addmm"))}
+        convs = sorted({layer.path for layer in ctx.layers(("conv2d",))
                         if any(fnmatch.fnmatchcase(layer.path, p) for p in patterns) and layer.path not in linear})
         if convs:
             raise OptionError(
@@ -139,10 +137,10 @@ class OFTv2(graphopt.Method):
                 f"(available: {', '.join(sorted(linear)) or 'none'})"
             )
 
-    def rewrite(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
+    def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
         """Insert ``oftv2_transform(x, q)`` before every targeted linear/addmm call; add ``<path>.oftv2_q``."""
-        self._check_targets(gm, ctx)
-        layers = ctx.select(gm, self.targets)
+        self._check_targets(ctx)
+        layers = ctx.select(self.targets)
         b = self.block_size
         for layer in layers:
             if layer.in_features % b:
@@ -158,31 +156,23 @@ class OFTv2(graphopt.Method):
                 f"method {self.name!r}: layer(s) {', '.join(shared)} are called more than once (shared weights); "
                 "oftv2 cannot fold one rotation into a weight used by several calls: exclude them with targets="
             )
-        names: dict[str, str] = {}
         for layer in layers:
-            if layer.path not in names:
-                weight = getattr(gm.get_submodule(layer.path), layer.weight.target.rpartition(".")[2])
-                dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
-                init = torch.zeros(layer.in_features // b, b * (b - 1) // 2, dtype=dtype, device=weight.device)
-                names[layer.path] = ctx.add_parameter(gm, layer.path, "q", init)
-            insert_input_transform(gm, ctx, layer, oftv2_transform, [names[layer.path]],
-                                   block_size=b, neumann_terms=self.neumann_terms)
-        gm.recompile()
-        return gm
-
-    def inference(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        """Exact Cayley (``K = 0``) by unrolled elimination in the inference graph, so ``merge=False`` exports."""
+            weight = ctx.parameter(layer.weight.target)
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
+            init = torch.zeros(layer.in_features // b, b * (b - 1) // 2, dtype=dtype, device=weight.device)
+            name = ctx.add_parameter(layer.path, "q", init)
+            insert_input_transform(ctx, layer, oftv2_transform, [name], block_size=b, neumann_terms=self.neumann_terms)
         if self.neumann_terms == 0:
-            for node in gm.graph.nodes:
-                if node.op == "call_function" and node.target is oftv2_transform:
-                    node.kwargs = {**node.kwargs, "exact": "elimination"}
-            gm.recompile()
-        return gm
+            ctx.add_inference_pass(_exact_by_elimination)
+        ctx.add_export_pass(lambda export_gm: fold_input_transforms(export_gm, oftv2_transform, oftv2_fold_weight),
+                            merge=True)
 
-    def fold(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        """``merge=True``: ``W ← W R_bdᵀ`` and the transform nodes removed."""
-        fold_input_transforms(gm, oftv2_transform, oftv2_fold_weight)
-        return gm
+
+def _exact_by_elimination(gm: torch.fx.GraphModule) -> None:
+    """Inference pass for ``K = 0``: the exact Cayley transform by unrolled elimination, so it exports."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is oftv2_transform:
+            node.kwargs = {**node.kwargs, "exact": "elimination"}
 
 
 def rotation_matrix(q: torch.Tensor, block_size: int, neumann_terms: int) -> torch.Tensor:
@@ -194,12 +184,6 @@ def rotation_matrix(q: torch.Tensor, block_size: int, neumann_terms: int) -> tor
 def graphopt_register_methods(register):
     register(OFTv2)
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register):
-    from graphopt_plugins.bench_oftv2 import bench_oftv2
-
-    register("oftv2", bench_oftv2, quick=True)
 
 
 __all__: Sequence[str] = ("OFTv2", "cayley_neumann", "oftv2_fold_weight", "oftv2_transform", "rotation_matrix")

@@ -27,20 +27,21 @@ The compiled model gains ``m.sora_ranks()`` → ``{layer path: (active_rank, r)}
 gates) and ``m.prune()``, which removes the ranks whose gate is exactly zero, in place: ``sora_A (r′,in)``,
 ``sora_B (out,r′)``, ``sora_gate (r′,)``, the scale stays ``alpha/r``, so the outputs are unchanged; a
 layer with no active rank loses its branch. It returns the (same, pruned) model. Export with
-``merge=True`` folds ``W ← W + (alpha/r)·B diag(g) A``; with ``merge=False`` the file holds the pruned
-factors and the gate.
+``merge=True`` folds ``W ← W + (alpha/r)·B diag(g) A``; with ``merge=False`` the file holds plain LoRA
+factors ``A′ = (alpha/r)·diag(g)A`` and ``B′`` on the active ranks only, no gate.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 
 import graphopt
-from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta
+from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta, remove_output_delta
+from graphopt.rewrite.meta import layer_path
 
 SCHEDULES = ("linear", "log-linear", "exp")
 _EXP_RATE = 5.0
@@ -117,161 +118,101 @@ class SoRA(graphopt.Method):
                        "a lambda_schedule needs lambda_steps >= 1 (steps over which ξ rises to max_lambda)")
             if lambda_schedule == "log-linear":
                 self.check(sparse_lambda > 0, "sparse_lambda", "the 'log-linear' schedule needs sparse_lambda > 0")
-        self._removed: dict[str, int] = {}
 
-    # -- forward stage ------------------------------------------------------------------------------
-    def rewrite(self, gm: torch.fx.GraphModule, ctx: graphopt.RewriteContext) -> torch.fx.GraphModule:
-        for layer in ctx.select(gm, self.targets):
-            owner, _, attr = layer.weight.target.rpartition(".")
-            weight = getattr(gm.get_submodule(owner) if owner else gm, attr)
+    def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
+        """A gated branch on every targeted layer; the proximal gate step, ξ, export, ``prune`` to ``ctx``."""
+        gates = []
+        for layer in ctx.select(self.targets):
+            weight = ctx.parameter(layer.weight.target)
             factory = {"dtype": weight.dtype, "device": weight.device}
             a = torch.empty(self.r, layer.in_features, **factory)
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # LoRA's init: U(−1/√in, 1/√in)
             names = [
-                ctx.add_parameter(gm, layer.path, "A", a),
-                ctx.add_parameter(gm, layer.path, "B", torch.zeros(layer.out_features, self.r, **factory)),
-                ctx.add_parameter(gm, layer.path, "gate", torch.ones(self.r, **factory)),
+                ctx.add_parameter(layer.path, "A", a),
+                ctx.add_parameter(layer.path, "B", torch.zeros(layer.out_features, self.r, **factory)),
+                ctx.add_parameter(layer.path, "gate", torch.ones(self.r, **factory)),
             ]
-            insert_output_delta(gm, ctx, layer, sora_delta, names, scale=self.alpha / self.r)
-        return gm
-
-    # -- training stage hooks -----------------------------------------------------------------------
-    def hyperparameters(self, step: int) -> dict[str, float]:
-        return {"sparse_lambda": lambda_at(step, self.sparse_lambda, self.lambda_schedule, self.max_lambda,
-                                           self.lambda_steps)}
-
-    def after_update(self, name: str, param: torch.Tensor, hyper: Mapping[str, torch.Tensor]) -> None:
-        if name.rpartition(".")[2] != "sora_gate":
-            return
-        threshold = (hyper["lr"] * hyper["sora.sparse_lambda"]).to(param.dtype)
-        param.copy_(soft_threshold(param, threshold))
-
-    # -- export -------------------------------------------------------------------------------------
-    def fold(self, gm: torch.fx.GraphModule, ctx: graphopt.RewriteContext) -> torch.fx.GraphModule:
-        fold_output_deltas(gm, sora_delta, sora_fold_delta)
-        return gm
-
-    def unmerged(self, gm: torch.fx.GraphModule, ctx: graphopt.RewriteContext) -> torch.fx.GraphModule:
-        """Export with ``merge=False``: plain LoRA factors ``A′ = scale·diag(g)A`` and ``B′`` on the active
-        ranks (``g ≠ 0``), so the file holds no gate and no inactive rank (one zero rank if none is active)."""
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target is not sora_delta:
-                continue
-            x, a_node, b_node, gate_node = node.args
-            A, B, gate = (gm.get_parameter(n.target).detach() for n in (a_node, b_node, gate_node))
-            active = gate != 0
-            if not bool(active.any()):
-                active = torch.arange(gate.numel()) == 0
-                gate = torch.zeros_like(gate)
-            scaled = gate * node.kwargs["scale"]
-            for attr_node, value in ((a_node, (A * scaled[:, None])[active]), (b_node, B[:, active])):
-                owner, _, attr = attr_node.target.rpartition(".")
-                setattr(gm.get_submodule(owner), attr, torch.nn.Parameter(value.clone(), requires_grad=False))
-            node.target, node.args, node.kwargs = lora_delta, (x, a_node, b_node), {}
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        return gm
-
-    def extensions(self) -> dict[str, Any]:
-        return {"sora_ranks": sora_ranks, "prune": prune}
+            gates.append(names[2])
+            insert_output_delta(ctx, layer, sora_delta, names, scale=self.alpha / self.r)
+        xi = ctx.add_hyperparameter("sparse_lambda", functools.partial(
+            lambda_at, sparse_lambda=self.sparse_lambda, schedule=self.lambda_schedule, max_lambda=self.max_lambda,
+            lambda_steps=self.lambda_steps))
+        ctx.add_post_update(gates, functools.partial(_proximal_gate_step, xi))
+        ctx.add_export_pass(lambda export_gm: fold_output_deltas(export_gm, sora_delta, sora_fold_delta), merge=True)
+        ctx.add_export_pass(_unmerged, merge=False)
+        removed: dict[str, int] = {}  # layers whose branch prune() removed: path -> r
+        ctx.add_model_function("sora_ranks", functools.partial(sora_ranks, ctx, self.r, removed))
+        ctx.add_model_function("prune", functools.partial(prune, ctx, self.r, removed))
 
 
-# -- model extensions --------------------------------------------------------------------------------
-def _sora_method(model: Any) -> SoRA:
-    return next(m for m in model.methods if isinstance(m, SoRA))
+def _proximal_gate_step(xi: str, gate: torch.Tensor, hyper: Mapping[str, torch.Tensor]) -> None:
+    """``g ← sign(g)·max(|g| − lr·ξ, 0)`` in place, right after the optimizer updated the gate."""
+    gate.copy_(soft_threshold(gate, (hyper["lr"] * hyper[xi]).to(gate.dtype)))
 
 
+def _unmerged(gm: torch.fx.GraphModule) -> None:
+    """Export with ``merge=False``: plain LoRA factors ``A′ = scale·diag(g)A`` and ``B′`` on the active
+    ranks (``g ≠ 0``), so the file holds no gate and no inactive rank (one zero rank if none is active)."""
+    for node in _branches(gm):
+        x, a_node, b_node, gate_node = node.args
+        A, B, gate = (gm.get_parameter(n.target).detach() for n in (a_node, b_node, gate_node))
+        active = gate != 0
+        if not bool(active.any()):
+            active = torch.arange(gate.numel(), device=gate.device) == 0
+            gate = torch.zeros_like(gate)
+        scaled = gate * node.kwargs["scale"]
+        for attr_node, value in ((a_node, (A * scaled[:, None])[active]), (b_node, B[:, active])):
+            owner, _, attr = attr_node.target.rpartition(".")
+            setattr(gm.get_submodule(owner), attr, torch.nn.Parameter(value.clone(), requires_grad=False))
+        node.target, node.args, node.kwargs = lora_delta, (x, a_node, b_node), {}
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+# -- model functions ---------------------------------------------------------------------------------
 def _branches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is sora_delta]
 
 
-def _tensor(gm: torch.fx.GraphModule, qualified: str) -> torch.Tensor:
-    owner, _, attr = qualified.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
-
-
-def sora_ranks(model: Any) -> dict[str, tuple[int, int]]:
-    """``{layer path: (active_rank, r)}``: active = gates not exactly zero; ``r`` the configured rank.
-
-    A layer whose branch ``prune()`` removed (no active rank left) reports ``(0, r)``.
-    """
-    method = _sora_method(model)
-    gm = model.graph_module
-    ranks = {}
-    for node in _branches(gm):
-        gate = _tensor(gm, node.args[3].target)
-        ranks[node.meta["graphopt_layer"]] = (int(torch.count_nonzero(gate)), method.r)
-    for path, r in method._removed.items():
-        ranks.setdefault(path, (0, r))
+def sora_ranks(ctx: graphopt.MethodContext, r: int, removed: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """``m.sora_ranks()`` → ``{layer path: (active_rank, r)}``: active = gates not exactly zero; ``r`` the
+    configured rank. A layer whose branch ``prune()`` removed (no active rank left) reports ``(0, r)``."""
+    ranks = {layer_path(node): (int(torch.count_nonzero(ctx.parameter(node.args[3].target))), r)
+             for node in _branches(ctx.graph_module)}
+    for path, rank in removed.items():
+        ranks.setdefault(path, (0, rank))
     return ranks
 
 
-def prune(model: Any) -> Any:
-    """Remove the ranks whose gate is exactly zero, in place; returns ``model`` itself (for chaining).
+def prune(ctx: graphopt.MethodContext, r: int, removed: dict[str, int]) -> None:
+    """``m.prune()``: remove the ranks whose gate is exactly zero, in place (returns the model).
 
     For each branch with active ranks ``K``: ``sora_A ← A[K]``, ``sora_B ← B[:, K]``, ``sora_gate ← g[K]``
-    (new parameters, same names); the optimizer state slots shaped like a parameter are sliced the same
-    way, so training continues where it was. A branch with no active rank is removed from the graph
-    with its parameters. The scale stays ``alpha/r``: outputs are unchanged. Compiled steps and the
-    inference graph are rebuilt on next use (``model.graph_changed()``).
+    (new parameters, same names); the optimizer slots shaped like a parameter are sliced the same way, so
+    training continues where it was. A branch with no active rank is removed from the graph with its
+    parameters. The scale stays ``alpha/r``: outputs are unchanged.
     """
-    method = _sora_method(model)
-    gm = model.graph_module
-    optimizer_state = model.trainer.state
-    changed = False
+    gm = ctx.graph_module
     for node in _branches(gm):
         attrs = [a.target for a in node.args[1:4]]
-        gate = _tensor(gm, attrs[2]).detach()
+        gate = ctx.parameter(attrs[2]).detach()
         keep = torch.nonzero(gate != 0).flatten()
         if keep.numel() == gate.numel():
             continue
-        changed = True
         if keep.numel() == 0:
-            _remove_branch(model, node, attrs)
-            method._removed[node.meta["graphopt_layer"]] = method.r
+            path = layer_path(node)
+            for name in remove_output_delta(gm, node):
+                ctx.remove_parameter(name)
+            removed[path] = r
             continue
         for qualified in attrs:
-            owner, _, attr = qualified.rpartition(".")
-            module = gm.get_submodule(owner) if owner else gm
-            old = getattr(module, attr)
-            dim = _PARAM_RANK_DIM[attr]
-            new = old.detach().index_select(dim, keep.to(old.device)).clone()
-            setattr(module, attr, torch.nn.Parameter(new, requires_grad=old.requires_grad))
-            for slot, value in optimizer_state.get(qualified, {}).items():
-                if isinstance(value, torch.Tensor) and value.shape == old.shape:
-                    optimizer_state[qualified][slot] = value.index_select(dim, keep.to(value.device)).clone()
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-        model.graph_changed()
-    return model
-
-
-def _remove_branch(model: Any, node: torch.fx.Node, attrs: Sequence[str]) -> None:
-    gm = model.graph_module
-    (total,) = node.users
-    layer_node = next(a for a in total.args if a is not node)
-    total.replace_all_uses_with(layer_node)
-    gm.graph.erase_node(total)
-    param_nodes = list(node.args[1:4])
-    gm.graph.erase_node(node)
-    for param_node in param_nodes:
-        if not param_node.users:
-            gm.graph.erase_node(param_node)
-    for qualified in attrs:
-        owner, _, attr = qualified.rpartition(".")
-        delattr(gm.get_submodule(owner) if owner else gm, attr)
-        model.context.added_parameters.pop(qualified, None)
-        model.trainer.state.pop(qualified, None)
+            dim = _PARAM_RANK_DIM[qualified.rpartition(".")[2]]
+            index = keep.to(ctx.parameter(qualified).device)
+            ctx.replace_parameter(qualified, ctx.parameter(qualified).detach().index_select(dim, index),
+                                  slots=lambda slot, dim=dim, index=index: slot.index_select(dim, index).clone())
 
 
 @graphopt.hookimpl
 def graphopt_register_methods(register):
     register(SoRA)
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register):
-    from graphopt_plugins.bench_sora import bench_sora
-
-    register("sora", bench_sora, quick=True)

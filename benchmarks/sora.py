@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.bench import eager_training_step, linear_gelu_stack, peak_memory_mib, ratios, time_steps
+from graphopt.bench import peak_memory_mib, ratios, time_steps
 from graphopt.rewrite.adapters import insert_output_delta
+
+from .common import eager_training_step, linear_gelu_stack
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -46,14 +48,13 @@ class BenchLoRA(graphopt.Method):
     def __init__(self, r: int = 8, alpha: float = 16) -> None:
         self.r, self.alpha = r, alpha
 
-    def rewrite(self, gm: torch.fx.GraphModule, ctx: graphopt.RewriteContext) -> torch.fx.GraphModule:
-        for layer in ctx.select(gm, None):
+    def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
+        for layer in ctx.select(None):
             a = torch.empty(self.r, layer.in_features)
             nn.init.kaiming_uniform_(a, a=5**0.5)
-            names = [ctx.add_parameter(gm, layer.path, "A", a),
-                     ctx.add_parameter(gm, layer.path, "B", torch.zeros(layer.out_features, self.r))]
-            insert_output_delta(gm, ctx, layer, lora_delta, names, scale=self.alpha / self.r)
-        return gm
+            names = [ctx.add_parameter(layer.path, "A", a),
+                     ctx.add_parameter(layer.path, "B", torch.zeros(layer.out_features, self.r))]
+            insert_output_delta(ctx, layer, lora_delta, names, scale=self.alpha / self.r)
 
 
 class _BenchPlugin:

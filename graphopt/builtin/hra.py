@@ -31,9 +31,9 @@ the identity: the model starts changed. At export with ``merge=True`` the adapte
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -139,11 +139,11 @@ class HRA(graphopt.Method):
                    f"r must be an even number >= 2 (the init pairs equal columns so that R = I); "
                    f"use r={max(2, r + 1 if r % 2 else r)}")
         self.check(reg_lambda >= 0 and math.isfinite(reg_lambda), "reg_lambda", "use a finite reg_lambda >= 0")
-        self._names: list[str] = []
 
-    def rewrite(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        self._reject_conv(gm, ctx)
-        layers = ctx.select(gm, self.targets)
+    def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
+        """Insert ``hra_transform(x, u)`` before every targeted layer; the penalty and the fold go to ``ctx``."""
+        self._reject_conv(ctx)
+        layers = ctx.select(self.targets)
         seen: set[str] = set()
         for layer in layers:
             if layer.path in seen:
@@ -154,52 +154,37 @@ class HRA(graphopt.Method):
                 raise OptionError(f"method 'hra': option r={self.r} is larger than in_features="
                                   f"{layer.in_features} of layer {layer.path!r}; use r <= {layer.in_features} "
                                   "or exclude the layer from targets")
+        names = []
         for layer in layers:
-            owner, _, attr = layer.weight.target.rpartition(".")
-            base = getattr(gm.get_submodule(owner) if owner else gm, attr)
+            base = ctx.parameter(layer.weight.target)
             init = paired_init(layer.in_features, self.r, base.dtype, base.device, paired=not self.apply_gs)
-            name = ctx.add_parameter(gm, layer.path, "u", init)
-            self._names.append(name)
-            insert_input_transform(gm, ctx, layer, hra_transform, [name], apply_gs=self.apply_gs)
-        gm.recompile()
-        return gm
+            names.append(ctx.add_parameter(layer.path, "u", init))
+            insert_input_transform(ctx, layer, hra_transform, [names[-1]], apply_gs=self.apply_gs)
+        if self.reg_lambda:
+            ctx.add_loss_term(functools.partial(_penalty, names, self.reg_lambda))
+        ctx.add_export_pass(lambda export_gm: fold_input_transforms(export_gm, hra_transform, hra_fold_weight),
+                            merge=True)
+        ctx.add_description(f"hra: r={self.r} on {len(layers)} layer(s): {', '.join(layer.path for layer in layers)}")
 
-    def _reject_conv(self, gm: torch.fx.GraphModule, ctx: Any) -> None:
+    def _reject_conv(self, ctx: graphopt.MethodContext) -> None:
         if self.targets is None:
             return
         patterns = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        convs = [c.path for c in ctx.layers(gm, ("conv2d",)) if any(fnmatch.fnmatchcase(c.path, p) for p in patterns)]
+        convs = [c.path for c in ctx.layers(("conv2d",)) if any(fnmatch.fnmatchcase(c.path, p) for p in patterns)]
         if convs:
             raise OptionError(f"method 'hra': Conv2d layer(s) {', '.join(convs)} matched by targets={self.targets!r} "
                               "are not supported for this method (hra adapts Linear and transformers Conv1D layers); "
                               "narrow targets to linear layers")
 
-    def loss_term(self, params: Mapping[str, torch.Tensor], hyper: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        if not self.reg_lambda:
-            return None
-        terms = [orthogonality_penalty(params[n]) for n in self._names if n in params]
-        if not terms:
-            return None
-        return self.reg_lambda * torch.stack(terms).sum()
 
-    def fold(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        fold_input_transforms(gm, hra_transform, hra_fold_weight)
-        return gm
-
-    def describe(self, gm: torch.fx.GraphModule, ctx: Any) -> str | None:
-        if not self._names:
-            return None
-        paths = ", ".join(n.rpartition(".")[0] for n in self._names)
-        return f"hra: r={self.r} on {len(self._names)} layer(s): {paths}"
+def _penalty(names: list[str], reg_lambda: float, params: Mapping[str, torch.Tensor],
+             hyper: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """``reg_lambda · Σ_layers ‖I − ÛᵀÛ‖_F`` over the adapters trained in this step."""
+    terms = [orthogonality_penalty(params[n]) for n in names if n in params]
+    return reg_lambda * torch.stack(terms).sum() if terms else None
 
 
 @graphopt.hookimpl
 def graphopt_register_methods(register):
     register(HRA)
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register):
-    from graphopt_plugins.bench_adapters import bench_hra
-
-    register("hra", bench_hra, quick=True)

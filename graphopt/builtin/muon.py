@@ -16,7 +16,7 @@ eps 1e-8, no weight decay (``graphopt.optim.adam_step``). ``m.set_lr`` / a sched
 the AdamW lr is ``current_lr · adamw_lr / lr``. The weight decay is decoupled (as in AdamW); it is 0 by default.
 
 Other optimizers that orthogonalise per-matrix updates (layer-drop's Drop-Muon) build on
-:func:`newton_schulz` and :class:`Muon`.
+:func:`graphopt.optim.functional.newton_schulz` and :class:`Muon`.
 """
 
 from __future__ import annotations
@@ -26,30 +26,10 @@ from collections.abc import Mapping
 import torch
 
 import graphopt
-from graphopt.train.optim import adam_state, adam_step
+from graphopt.optim.functional import adam_state, adam_step, newton_schulz
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8
-
-
-def newton_schulz(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise a 2-D ``update`` (the quintic Newton–Schulz iteration of Muon).
-
-    ``X ← N/‖N‖_F`` (a zero matrix stays zero), transposed when rows > cols so that ``X Xᵀ`` is the
-    small Gram matrix; ``steps``× ``A = X Xᵀ; X ← aX + (bA + cA²)X``; transposed back.
-    """
-    a, b, c = NS_COEFFICIENTS
-    x = update
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.t()
-    norm = torch.linalg.matrix_norm(x)  # Frobenius
-    x = x / norm.clamp_min(torch.finfo(x.dtype).tiny)
-    for _ in range(steps):  # addmm keeps at most three matrix-sized temporaries alive
-        gram = x @ x.t()
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.t() if tall else x
 
 
 def uses_muon(param: torch.Tensor) -> bool:
@@ -108,9 +88,3 @@ class Muon(graphopt.optim.Optimizer):
 def graphopt_register_methods(register):
     register(Muon)
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register):
-    from graphopt_plugins.bench_optim import bench_muon
-
-    register("optim: muon 4xLinear(1024)", bench_muon, quick=True)

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.bench import eager_training_step, linear_gelu_stack, peak_memory_mib, ratios, time_steps
+from graphopt.bench import peak_memory_mib, ratios, time_steps
+
+from .common import eager_training_step, linear_gelu_stack
 
 
 class WeightCentricOFT(nn.Module):

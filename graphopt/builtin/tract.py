@@ -20,8 +20,8 @@ The rewritten call is a ``torch.library.custom_op`` (``graphopt::tract_linear`` 
 under ``torch.compile(fullgraph=True)``, inside graphopt's ``make_fx`` trace of the training step
 (``torch.autograd.grad``) and under ``torch.export``. ``torch.func.grad`` rejects such an op (a known
 PyTorch limitation); graphopt does not use it. For export, ``merge=True`` puts the plain
-``aten.linear``/``aten.conv2d`` back (``fold``); ``merge=False`` keeps the op and translates it to the
-plain ONNX ``MatMul`` + ``Add`` / ``Conv`` (``onnx_translations``).
+``aten.linear``/``aten.conv2d`` back (an export pass); ``merge=False`` keeps the op and translates it to
+the plain ONNX ``MatMul`` + ``Add`` / ``Conv`` (ONNX translations).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.errors import OptionError
+from graphopt.rewrite.layers import module_types
+from graphopt.rewrite.meta import set_layer_path
 
 aten = torch.ops.aten
 
@@ -205,19 +207,6 @@ def _pair(value: Any) -> list[int]:
     return values * 2 if len(values) == 1 else values
 
 
-def _module_types(gm: torch.fx.GraphModule) -> dict[str, str]:
-    """Module path → type name, from the ``nn_module_stack`` the capture recorded."""
-    found: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
-            name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-            found.setdefault(path, name.rpartition(".")[2])
-    for path, module in gm.named_modules():
-        if path and path not in found and type(module) not in (torch.nn.Module, torch.fx.GraphModule):
-            found[path] = type(module).__name__
-    return found
-
-
 class _WeightedCall(NamedTuple):
     node: torch.fx.Node
     path: str
@@ -254,8 +243,9 @@ class TrAct(graphopt.Method):
         self.check(lam > 0, "lam", "use lam > 0 (the ridge λ of (XᵀX/b + λI); the paper uses 0.1)")
         self.check(layer is None or bool(layer), "layer", "use a module path such as 'conv1', or None")
 
-    def _target_path(self, gm: torch.fx.GraphModule, ctx: Any) -> str:
-        layers = ctx.layers(gm, ("linear", "conv2d"))
+    def _target_path(self, ctx: graphopt.MethodContext) -> str:
+        gm = ctx.graph_module
+        layers = ctx.layers(("linear", "conv2d"))
         if self.layer is None:
             if not layers:
                 raise OptionError(
@@ -274,9 +264,9 @@ class TrAct(graphopt.Method):
         if any(layer.path == self.layer for layer in layers):
             return self.layer
         available = ", ".join(dict.fromkeys(layer.path for layer in layers)) or "none"
-        module_type = _module_types(gm).get(self.layer)
+        module_type = module_types(gm).get(self.layer)
         kind = None if module_type is None else f"{'an' if module_type[0] in 'AEIOU' else 'a'} {module_type} module"
-        if any(layer.path == self.layer for layer in ctx.layers(gm, ("addmm",))):
+        if any(layer.path == self.layer for layer in ctx.layers(("addmm",))):
             kind = "an addmm layer (weight stored (in, out), e.g. transformers' Conv1D)"
         if kind is not None:
             raise OptionError(
@@ -286,11 +276,12 @@ class TrAct(graphopt.Method):
             f"method 'tract': option layer={self.layer!r} names no layer of the model; "
             f"the Conv2d/Linear layers are: {available}")
 
-    def rewrite(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        """Replace every call of the chosen layer by ``graphopt::tract_linear`` / ``graphopt::tract_conv2d``."""
-        path = self._target_path(gm, ctx)
+    def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
+        """Replace every call of the chosen layer by ``graphopt::tract_linear`` / ``graphopt::tract_conv2d``;
+        export puts the plain layer back (``merge=True``) or translates the op to plain ONNX (``merge=False``)."""
+        path = self._target_path(ctx)
         lam = float(self.lam)
-        for layer in ctx.layers(gm, ("linear", "conv2d")):
+        for layer in ctx.layers(("linear", "conv2d")):
             if layer.path != path:
                 continue
             node = layer.node
@@ -306,40 +297,23 @@ class TrAct(graphopt.Method):
                 node.target = torch.ops.graphopt.tract_conv2d.default
                 node.args = (x, weight, bias, stride, padding, dilation, int(conf[3]), lam)
             node.kwargs = {}
-            node.meta["graphopt_layer"] = path
-        gm.graph.lint()
-        gm.recompile()
-        return gm
+            set_layer_path(node, path)
+        ctx.add_export_pass(_plain_layers, merge=True)
+        ctx.add_onnx_translation(torch.ops.graphopt.tract_linear.default, _onnx_linear)
+        ctx.add_onnx_translation(torch.ops.graphopt.tract_conv2d.default, _onnx_conv2d)
+        ctx.add_description(f"tract(lam={self.lam}) on {path}")
 
-    def fold(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        """Put the plain ``aten.linear`` / ``aten.conv2d`` back: TrAct changes training only."""
-        for node in gm.graph.nodes:
-            plain = _TRACT_OPS.get(node.target) if node.op == "call_function" else None
-            if plain is not None:
-                node.target, node.args = plain, tuple(node.args[:-1])
-        gm.recompile()
-        return gm
 
-    def onnx_translations(self) -> dict[Any, Any]:
-        """With ``merge=False`` the op stays in the graph; it exports as the plain ONNX layer."""
-        return {torch.ops.graphopt.tract_linear.default: _onnx_linear,
-                torch.ops.graphopt.tract_conv2d.default: _onnx_conv2d}
-
-    def describe(self, gm: torch.fx.GraphModule, ctx: Any) -> str | None:
-        layers = sorted({n.meta.get("graphopt_layer") for n in gm.graph.nodes if n.target in _TRACT_OPS} - {None})
-        return f"tract(lam={self.lam}) on {', '.join(layers)}" if layers else None
+def _plain_layers(gm: torch.fx.GraphModule) -> None:
+    """Export with ``merge=True``: the plain ``aten.linear`` / ``aten.conv2d`` back (TrAct changes training only)."""
+    for node in gm.graph.nodes:
+        plain = _TRACT_OPS.get(node.target) if node.op == "call_function" else None
+        if plain is not None:
+            node.target, node.args = plain, tuple(node.args[:-1])
+    gm.recompile()
 
 
 @graphopt.hookimpl
 def graphopt_register_methods(register):
     register(TrAct)
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register):
-    def tract_case(quick: bool) -> dict:
-        from graphopt_plugins.bench_tract import run_case
-
-        return run_case(quick)
-
-    register("tract", tract_case, quick=True)

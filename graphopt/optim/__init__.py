@@ -1,4 +1,4 @@
-"""``graphopt.optim``: the extension point for fused optimizer methods.
+"""``graphopt.optim``: the extension point for fused optimizer methods, and learning-rate schedules.
 
 An optimizer is a training-stage method that writes only its per-parameter rule: ``init_state``
 (the state tensors of one parameter) and ``update`` (the in-place update from its gradient). graphopt
@@ -6,7 +6,8 @@ calls ``update`` for each trainable parameter inside the traced training step, s
 part of the training graph, is scheduled right after that parameter's gradient exists
 (:mod:`graphopt.train.schedule`) and compiles with the rest of the step. Hyperparameters arrive as 0-d
 float64 tensors in ``hyper`` (``hyper["lr"]``, ``hyper["step"]`` = the 1-based step number), so changing
-them (``m.set_lr``, ``m.set_lr_schedule``) never recompiles.
+them (``m.set_lr``, ``m.set_lr_schedule``) never recompiles. Shared update rules (AdamW's step,
+Newton–Schulz) are in :mod:`graphopt.optim.functional`.
 
 Every optimizer gets two options from this base class without declaring them:
 
@@ -44,33 +45,36 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from graphopt.errors import OptionError
-from graphopt.methods import Method, Option
+from graphopt.method import Method, Option
+from graphopt.train.state import LrSchedule
+
+if TYPE_CHECKING:
+    from graphopt.context import MethodContext
 
 COMMON_OPTIONS: tuple[Option, ...] = (
     Option("groups", "dict[str, dict[str, Any]] | None", None),
     Option("max_grad_norm", "float | None", None),
 )
-LrSchedule = Callable[[int], float]
 
 
 class Optimizer(Method):
     """Base class of optimizer methods: subclasses set ``name``, take ``lr`` and write the rule.
 
     ``init_state`` and ``update`` are the extension point; graphopt calls them through
-    :meth:`state_for` and :meth:`apply`, which resolve the parameter's group options first.
+    :meth:`state_for` and :meth:`step_parameter`, which resolve the parameter's group options first.
+    Its :meth:`apply` makes it the compiled model's update rule (``ctx.set_optimizer``).
     """
 
     stage: ClassVar[str] = "training"
     lr: float
     groups: dict[str, dict[str, Any]] | None = None
     max_grad_norm: float | None = None
-    lr_schedule: LrSchedule | None = None
 
     # -- the rule (override these) --------------------------------------------------------------
     def init_state(self, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -171,44 +175,22 @@ class Optimizer(Method):
         """``init_state`` of parameter ``name`` under its group options."""
         return self.rule(name).init_state(name, param)
 
-    def apply(self, name: str, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-              hyper: Mapping[str, torch.Tensor]) -> None:
+    def apply(self, gm: torch.fx.GraphModule, ctx: MethodContext) -> None:
+        """Become the update rule of every trainable parameter; every ``groups`` glob must match one."""
+        self.check_groups(ctx.trainable_parameters())
+        ctx.set_optimizer(self)
+
+    def step_parameter(self, name: str, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+                       hyper: Mapping[str, torch.Tensor]) -> None:
         """``update`` of parameter ``name`` under its group options (a group lr scales ``hyper["lr"]``)."""
         rule = self.rule(name)
         if rule is not self and rule.lr != self.lr:
             hyper = {**hyper, "lr": hyper["lr"] * (rule.lr / self.lr)}
         rule.update(name, param, grad, state, hyper)
 
-    def scheduled_lr(self, step: int, current: float) -> float:
-        """The lr of training step ``step`` (1-based): ``lr_schedule(step)`` when set, else ``current``."""
-        if self.lr_schedule is None:
-            return current
-        value = self.lr_schedule(step)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise OptionError(f"method {self.name!r}: the lr schedule returned {value!r} at step {step}; "
-                              "it must return a finite number >= 0")
-        return float(value)
-
-    def extensions(self) -> dict[str, Any]:
-        return {"set_lr_schedule": set_lr_schedule}
-
     def spec(self) -> str:
         text = super().spec()
         return text.replace(", groups=None", "").replace(", max_grad_norm=None", "")
-
-
-def set_lr_schedule(model: Any, schedule: LrSchedule | None) -> None:
-    """``m.set_lr_schedule(fn)``: before each step, ``lr = fn(step)`` (1-based step; the lr is a graph input,
-    so nothing recompiles). ``None`` removes the schedule and keeps the last lr."""
-    if schedule is not None and not callable(schedule):
-        raise OptionError(f"set_lr_schedule takes a callable step -> lr (or None), got {schedule!r}")
-    optimizers = [m for m in model.methods if isinstance(m, Optimizer)]
-    if not optimizers:
-        raise OptionError("set_lr_schedule needs an optimizer method")
-    for optimizer in optimizers:
-        optimizer.lr_schedule = schedule
 
 
 def cosine_with_warmup(lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> LrSchedule:
@@ -230,50 +212,3 @@ def cosine_with_warmup(lr: float, warmup_steps: int, total_steps: int, min_lr: f
         return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return schedule
-
-
-@torch.library.custom_op("graphopt::adam_coefficients", mutates_args=())
-def adam_coefficients(lr: torch.Tensor, step: torch.Tensor, beta1: float, beta2: float,
-                      weight_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The per-step scalars of AdamW in float64: ``1 − lr·λ``, ``lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``.
-
-    An opaque op on purpose: inductor would otherwise inline these 0-d computations (two ``pow`` in
-    double) into the elementwise update loop and recompute them for every vector of every parameter
-    (measured: the fused AdamW kernels took ~5× longer).
-    """
-    t, rate = float(step), float(lr)  # Python floats (double), as torch.optim's single-tensor AdamW
-    values = (1 - rate * weight_decay, rate / (1 - beta1**t), math.sqrt(1 - beta2**t))
-    return tuple(torch.tensor(v, dtype=torch.float64) for v in values)
-
-
-@adam_coefficients.register_fake
-def _adam_coefficients_fake(lr, step, beta1, beta2, weight_decay):
-    return tuple(torch.empty((), dtype=torch.float64) for _ in range(3))
-
-
-def adam_step(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: torch.Tensor,
-              betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    """One AdamW step in place (Loshchilov & Hutter 2019, torch.optim.AdamW), shared by ``adamw`` and ``muon``.
-
-    ``t ← t + 1``; ``p ← p·(1 − lr·λ)``; ``m ← β1·m + (1−β1)·g``; ``v ← β2·v + (1−β2)·g²``;
-    ``p ← p − (lr/(1−β1ᵗ))·m / (√v/√(1−β2ᵗ) + ε)``. ``lr`` and the step count ``state["step"]`` are
-    0-d float64 tensors; the bias corrections are computed in float64 as torch.optim does.
-    """
-    beta1, beta2 = betas
-    step = state["step"]
-    step.add_(1)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    decay, step_size, bias_correction2_sqrt = adam_coefficients(lr, step, beta1, beta2, float(weight_decay))
-    if weight_decay:
-        param.mul_(decay.to(param.dtype))
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    # one temporary of the parameter's size: denom, then (step_size·m/denom) in its storage
-    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt.to(param.dtype)).add_(eps)
-    param.sub_(denom.reciprocal_().mul_(exp_avg).mul_(step_size.to(param.dtype)))
-
-
-def adam_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Zero AdamW state of ``param``: its own step count (float64) and the two moments."""
-    return {"step": torch.zeros((), dtype=torch.float64), "exp_avg": torch.zeros_like(param),
-            "exp_avg_sq": torch.zeros_like(param)}

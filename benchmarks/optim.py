@@ -170,7 +170,7 @@ def bench_sgd(quick: bool) -> dict[str, Any]:
 
 
 class EagerMuon(torch.optim.Optimizer):
-    """Plain eager Muon (Jordan et al. 2024) as DESIGN.md §3 states it, for the baseline: Newton–Schulz on
+    """Plain eager Muon (Jordan et al. 2024) as Jordan et al. 2024 states it, for the baseline: Newton–Schulz on
     the Nesterov momentum of matrices, AdamW(betas=(0.9, 0.95), wd=0) with ``adamw_lr`` for the rest."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, adamw_lr: float = 3e-4) -> None:

@@ -16,6 +16,7 @@ Shared options ``groups`` and ``max_grad_norm`` come from ``graphopt.optim.Optim
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +27,7 @@ class SGD(graphopt.optim.Optimizer):
     """SGD with momentum, Nesterov momentum and L2 weight decay (torch.optim.SGD semantics)."""
 
     name = "sgd"
+    example: ClassVar[Mapping[str, float]] = {"lr": 0.1}
 
     def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> None:
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
@@ -52,9 +54,3 @@ class SGD(graphopt.optim.Optimizer):
 def graphopt_register_methods(register):
     register(SGD)
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register):
-    from graphopt_plugins.bench_optim import bench_sgd
-
-    register("optim: sgd 4xLinear(1024)", bench_sgd, quick=True)

@@ -1,9 +1,14 @@
 """The :class:`Method` base class every graphopt method (built-in or third-party) derives from.
 
-A method declares its options as keyword parameters of ``__init__`` with type hints and defaults;
-graphopt reads them to validate specs, list them in ``graphopt methods`` and build ``MethodInfo``.
-Range checks belong in ``__init__`` and use :meth:`Method.check`, which raises the ``OptionError``
-that names the method, the option and what is allowed.
+A method is its options plus one entry point. Options are keyword parameters of ``__init__`` with type
+hints and defaults, stored as attributes of the same name; graphopt reads them to validate specs, list
+them in ``graphopt methods`` and build ``MethodInfo``, and rebuilds a fresh method from them for each
+compiled model. Range checks belong in ``__init__`` and use :meth:`Method.check`, which raises the
+``OptionError`` that names the method, the option and what is allowed.
+
+The entry point is :meth:`Method.apply`: it rewrites the forward graph in place and records everything
+else the method contributes through the :class:`~graphopt.context.MethodContext` bound to it. That
+class documents the whole contract, phase by phase.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
 from graphopt.errors import OptionError
+
+if TYPE_CHECKING:
+    from graphopt.context import MethodContext
 
 Stage = Literal["forward", "training"]
 STAGES: tuple[str, ...] = ("forward", "training")
@@ -53,27 +61,18 @@ class MethodInfo:
 
 
 class Method:
-    """Base class of a graph-rewriting training method.
+    """Base class of a graphopt method: options (``__init__`` keywords) plus :meth:`apply`.
 
-    Subclasses set ``name`` and ``stage`` and override the hooks they need:
-
-    - ``rewrite(gm, ctx)``: stage ``"forward"``: rewrite the captured forward graph (add parameters with
-      ``ctx.add_parameter``); stage ``"training"``: rewrite the traced training-step graph.
-    - ``loss_term(params, hyper)``: an extra term added to the loss inside the training step.
-    - ``after_update(name, param, hyper)``: runs in the training graph right after ``param``'s update.
-    - ``prepare(gm, ctx)``: read the final forward graph once, after the forward stage (e.g. find blocks).
-    - ``step_variant(step)`` / ``specialise(gm, variant, ctx)``: per-step graph variants (layer dropping).
-    - ``inference(gm, ctx)``: rewrite the inference-mode graph used by ``m.eval()`` and export.
-    - ``unmerged(gm, ctx)``: the export stage with ``merge=False`` (compact adapter form).
-    - ``fold(gm, ctx)``: the export stage with ``merge=True`` (fold adapters into plain weights).
-    - ``onnx_translations()``: custom-op translations for the ONNX exporter.
-    - ``describe(gm, ctx)``: text ``graphopt show`` prints for this method.
-    - ``extensions()``: functions added to the compiled model (``m.prune()``), called with the model first.
-    - ``state_dict()`` / ``load_state_dict()``: the method's own state (schedules), saved with the model.
+    ``name``: the spec name (may contain ``-``). ``stage``: when ``apply`` runs. Every ``"forward"`` method
+    runs first, in the order the user listed them, on the captured forward graph; then the base weights are
+    frozen if any method added parameters; then every ``"training"`` method runs, on the final forward
+    graph, seeing which parameters train. ``example``: options that make a working instance on a small
+    model (graphopt's contract tests use them; needed only when an option has no default).
     """
 
     name: ClassVar[str] = ""
     stage: ClassVar[str] = "forward"
+    example: ClassVar[Mapping[str, Any]] = {}
 
     # -- options -----------------------------------------------------------------------------
     @classmethod
@@ -117,6 +116,14 @@ class Method:
         except (TypeError, ValueError) as err:
             raise OptionError(f"method {cls.name!r}: {err}") from err
 
+    def configured_options(self) -> dict[str, Any]:
+        """The options of this instance, as ``create`` takes them (what rebuilds an equal method)."""
+        return {o.name: getattr(self, o.name) for o in self.options() if hasattr(self, o.name)}
+
+    def fresh(self) -> Method:
+        """A new, unapplied instance with the same options (one per compiled model)."""
+        return type(self).create(self.configured_options())
+
     def check(self, condition: bool, option: str, allowed: str) -> None:
         """Raise ``OptionError`` naming this method, ``option`` and what is ``allowed`` unless ``condition``."""
         if not condition:
@@ -125,76 +132,19 @@ class Method:
 
     def spec(self) -> str:
         """The spec string that rebuilds this method (options as given)."""
-        parts = [f"{opt.name}={getattr(self, opt.name)!r}" for opt in self.options() if hasattr(self, opt.name)]
+        parts = [f"{key}={value!r}" for key, value in self.configured_options().items()]
         return f"{self.name}({', '.join(parts)})"
 
     def __repr__(self) -> str:
         return f"<graphopt method {self.spec()}>"
 
-    # -- hooks (defaults do nothing) ------------------------------------------------------------
-    def rewrite(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        """Rewrite the graph of this method's stage and return it (may be ``gm`` itself)."""
-        return gm
+    # -- the entry point ---------------------------------------------------------------------------
+    def apply(self, gm: torch.fx.GraphModule, ctx: MethodContext) -> None:
+        """Rewrite ``gm`` (the forward graph) in place and record contributions through ``ctx``.
 
-    def loss_term(self, params: Mapping[str, torch.Tensor], hyper: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        """An extra loss term computed from the trainable ``params`` inside the training step."""
-        return None
-
-    def after_update(self, name: str, param: torch.Tensor, hyper: Mapping[str, torch.Tensor]) -> None:
-        """Modify ``param`` in place right after the optimizer updated it (inside the training graph)."""
-
-    def hyperparameters(self, step: int) -> dict[str, float]:
-        """Scalars this method reads in the training graph at ``step``; passed as tensors (no recompiles)."""
-        return {}
-
-    def prepare(self, gm: torch.fx.GraphModule, ctx: Any) -> None:
-        """Called once with the final forward graph (after every forward-stage rewrite), before any step.
-
-        For methods that need to know the graph before training (layer-drop schedules find their blocks
-        here); validate options against the graph and raise ``OptionError``. Must not modify ``gm``.
+        See :class:`graphopt.context.MethodContext` for what may be recorded and when each part runs.
         """
-
-    def step_variant(self, step: int) -> Hashable | None:
-        """Which graph variant training step ``step`` uses (None: the full graph)."""
-        return None
-
-    def specialise(
-        self, gm: torch.fx.GraphModule, variant: Hashable, ctx: Any
-    ) -> tuple[torch.fx.GraphModule, set[str]]:
-        """Return the forward graph for ``variant`` and the parameter names that get no update in it."""
-        return gm, set()
-
-    def inference(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        """Rewrite the inference-mode graph (``m.eval()`` and export), e.g. scale stochastic-depth branches."""
-        return gm
-
-    def fold(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        """Export stage (``merge=True``): fold this method's nodes into plain weights."""
-        return gm
-
-    def unmerged(self, gm: torch.fx.GraphModule, ctx: Any) -> torch.fx.GraphModule:
-        """Export stage (``merge=False``): the compact unmerged form, on export's own copy of the graph
-        (e.g. fold a gate into its low-rank factor, drop inactive ranks)."""
-        return gm
-
-    def onnx_translations(self) -> dict[Any, Any]:
-        """Custom ops this method leaves in the graph, mapped to onnxscript functions."""
-        return {}
-
-    def describe(self, gm: torch.fx.GraphModule, ctx: Any) -> str | None:
-        """Text ``graphopt show`` prints about what this method found or did (e.g. the blocks it drops)."""
-        return None
-
-    def extensions(self) -> dict[str, Any]:
-        """Functions added to the compiled model; each is called as ``fn(model, *args, **kwargs)``."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """This method's own state (e.g. a schedule's RNG), saved with the compiled model."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        raise NotImplementedError(f"method {self.name!r} does not implement apply(gm, ctx)")
 
 
 def _type_name(hint: Any) -> str:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.bench import eager_training_step, peak_memory_mib, ratios, time_steps
+from graphopt.bench import peak_memory_mib, ratios, time_steps
+
+from .common import eager_training_step
 
 
 def quickstart_model(width: int = 128) -> nn.Module:
@@ -45,7 +47,3 @@ def quickstart_sgd(quick: bool) -> dict[str, Any]:
         "peak_mib": {name: peak_memory_mib(fn) for name, fn in variants.items()},
     }
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register):
-    register("quickstart-sgd", quickstart_sgd, quick=True)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 import graphopt
-from graphopt.train.optim import adam_state, adam_step
+from graphopt.optim.functional import adam_state, adam_step
 
 
 class AdamW(graphopt.optim.Optimizer):
@@ -47,9 +47,3 @@ class AdamW(graphopt.optim.Optimizer):
 def graphopt_register_methods(register):
     register(AdamW)
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register):
-    from graphopt_plugins.bench_optim import bench_adamw
-
-    register("optim: adamw 4xLinear(1024)", bench_adamw, quick=True)

@@ -16,9 +16,6 @@ Baseline formulas (the same as the methods'): HRA (Yuan et al. 2024) weight-cent
 ``W′ = W H_1⋯H_r`` built by r rank-1 updates, ``H_i = I − 2ûᵢûᵢᵀ``; OFTv2 (Qiu et al. 2025) input-centric,
 ``x_j ← x_j R_j`` with ``R_j = (I+Q_j) Σ_{i<K} Q_j^i``; SoRA (Ding et al. 2023)
 ``y = base(x) + (α/r)((x Aᵀ) ⊙ g) Bᵀ`` with the proximal gate step ``g ← sign(g)·max(|g| − lr·ξ, 0)``.
-
-Registered by this module's own ``graphopt_bench_cases`` hookimpl (entry point
-``real_models_bench = "graphopt_plugins.bench_real_models"``).
 """
 
 from __future__ import annotations
@@ -208,7 +205,3 @@ def bench_real_models(quick: bool) -> dict[str, Any]:
         "graphopt_vs_peft": {k: round(times[f"{k}_graphopt"] / times[f"{k}_peft_eager"], 3) for k in available},
     }
 
-
-@graphopt.hookimpl
-def graphopt_bench_cases(register: Callable[..., None]) -> None:
-    register("real-models", bench_real_models, quick=True)

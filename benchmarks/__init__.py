@@ -1,0 +1,44 @@
+"""graphopt's own benchmark cases (``graphopt bench``), kept in the repository and not shipped in the wheel.
+
+``graphopt bench`` loads this folder as one plugin when graphopt runs from a checkout (or with
+``--cases DIR``); this hook registers every case. Each module measures its variants side by side in one
+process (see ``graphopt.bench``) and documents them in its docstring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import graphopt
+
+
+def _lazy(module: str, function: str) -> Callable[[bool], dict[str, Any]]:
+    """The case ``module.function``, imported when it runs (so listing cases imports no bench code)."""
+
+    def case(quick: bool) -> dict[str, Any]:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(quick)
+
+    return case
+
+
+CASES = (
+    ("quickstart-sgd", "core", "quickstart_sgd"),
+    ("optim: sgd 4xLinear(1024)", "optim", "bench_sgd"),
+    ("optim: adamw 4xLinear(1024)", "optim", "bench_adamw"),
+    ("optim: muon 4xLinear(1024)", "optim", "bench_muon"),
+    ("hra", "hra", "bench_hra"),
+    ("oftv2", "oftv2", "bench_oftv2"),
+    ("sora", "sora", "bench_sora"),
+    ("tract", "tract", "run_case"),
+    ("layerdrop", "layerdrop", "bench_layerdrop"),
+    ("real-models", "real_models", "bench_real_models"),
+)
+
+
+@graphopt.hookimpl
+def graphopt_bench_cases(register: Callable[..., None]) -> None:
+    for name, module, function in CASES:
+        register(name, _lazy(module, function), quick=True)

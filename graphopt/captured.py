@@ -1,0 +1,145 @@
+"""A model after capture: its forward graph, what the methods contributed, and the forms built from them.
+
+:class:`CapturedModel` is what a compiled model holds once it has been captured and every method applied:
+the rewritten forward graph, the methods' contexts and :class:`~graphopt.contributions.Contributions`, the
+training step, and the inference and export forms of the graph (each built on first use and rebuilt after
+:meth:`graph_changed`). Method code is reached only through :func:`graphopt.dispatch.dispatch`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from graphopt.contributions import Contributions
+from graphopt.dispatch import EXPORT, FUNCTION, INFERENCE, STATE, dispatch
+from graphopt.quiet import quiet_torch_internals
+from graphopt.rewrite.adapters import drop_unused_parameters
+from graphopt.rewrite.modes import inference_graph
+from graphopt.train.state import TrainState
+
+if TYPE_CHECKING:
+    from graphopt.context import MethodContext
+    from graphopt.train.step import TrainingStep
+
+
+class CapturedModel:
+    """The captured forward graph ``gm`` with its contributions, training step and inference form."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...], train_state: TrainState,
+                 reserved_names: frozenset[str] = frozenset()) -> None:
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.train_state = train_state
+        self.reserved_names = reserved_names  # attributes of the compiled model a method may not add
+        self.contributions = Contributions()
+        self.contexts: list[MethodContext] = []
+        self.trainer: TrainingStep | None = None
+        self._inference: torch.fx.GraphModule | None = None
+        self._compiled_forward: dict[int, Callable[..., Any]] = {}
+
+    # -- changes ----------------------------------------------------------------------------------------
+    def graph_changed(self) -> None:
+        """The forward graph or its parameters changed: check it, forget every form built from it."""
+        self.gm.graph.lint()
+        self.gm.recompile()
+        self._inference = None
+        self._compiled_forward.clear()
+        if self.trainer is not None:
+            self.trainer.invalidate()
+
+    def map_slots(self, name: str, old_shape: tuple[int, ...] | None,
+                  fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Optimizer slots of parameter ``name`` after it changed: those of ``old_shape`` mapped by ``fn``
+        (others, like a step count, kept); without ``fn`` the parameter's state is dropped."""
+        slots = self.train_state.slots.get(name)
+        if slots is None:
+            return
+        if fn is None:
+            del self.train_state.slots[name]
+            return
+        self.train_state.slots[name] = {k: fn(v) if tuple(v.shape) == old_shape else v for k, v in slots.items()}
+
+    # -- forward, inference, export -----------------------------------------------------------------------
+    def inference_module(self) -> torch.fx.GraphModule:
+        """The forward graph in inference mode (dropout off, batch norm on running statistics), after every
+        method's inference passes; it shares the forward graph's parameters."""
+        if self._inference is None:
+            inference = inference_graph(self.gm)
+            for entry in self.contributions.inference_passes:
+                dispatch(entry.ctx, INFERENCE, "inference pass", entry.fn, inference)
+            inference.graph.lint()
+            inference.recompile()
+            inference.training = False  # the flag only: an exported GraphModule refuses .eval()
+            self._inference = inference
+        return self._inference
+
+    def forward(self, training: bool, backend: str, inputs: tuple[Any, ...]) -> Any:
+        """Run the training-mode forward graph or the inference graph, compiled unless ``backend="eager"``."""
+        module = self.gm if training else self.inference_module()
+        if backend == "eager":
+            return module(*inputs)
+        compiled = self._compiled_forward.get(id(module))
+        if compiled is None:
+            compiled = self._compiled_forward[id(module)] = torch.compile(module, backend=backend)
+        return compiled(*inputs)
+
+    def export_graph(self, merge: bool) -> torch.fx.GraphModule:
+        """A deep copy of the inference graph after every method's export passes of this ``merge``:
+        ``True``, adapters folded into plain weights; ``False``, their compact form. Unused parameters go."""
+        with quiet_torch_internals():
+            gm = copy.deepcopy(self.inference_module())
+        for entry in self.contributions.export_passes[bool(merge)]:
+            dispatch(entry.ctx, EXPORT, f"export pass, merge={bool(merge)}", entry.fn, gm)
+        gm.graph.eliminate_dead_code()
+        drop_unused_parameters(gm)
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm
+
+    def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
+        """The methods' ONNX translations of their custom ops, each called through the dispatcher."""
+        return {op: _dispatched(entry.ctx, EXPORT, f"ONNX translation of {op}", entry.fn)
+                for op, entry in self.contributions.onnx_translations.items()}
+
+    # -- method state ---------------------------------------------------------------------------------------
+    def method_states(self) -> dict[str, dict[str, Any]]:
+        """Every method's saved state, by method name."""
+        states: dict[str, dict[str, Any]] = {}
+        for entry in self.contributions.states:
+            saved = dispatch(entry.ctx, STATE, "state save", entry.save)
+            states.setdefault(entry.ctx.method.name, {}).update(saved)
+        return states
+
+    def stateful_methods(self) -> set[str]:
+        return {entry.ctx.method.name for entry in self.contributions.states}
+
+    def load_method_states(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Give each method its part of ``states`` (already validated against :meth:`stateful_methods`)."""
+        for entry in self.contributions.states:
+            if entry.ctx.method.name in states:
+                dispatch(entry.ctx, STATE, "state load", entry.load, states[entry.ctx.method.name])
+
+    def descriptions(self) -> dict[str, str]:
+        """What each method recorded about itself, by method name."""
+        texts: dict[str, list[str]] = {}
+        for ctx, text in self.contributions.descriptions:
+            texts.setdefault(ctx.method.name, []).append(text)
+        return {name: "\n".join(parts) for name, parts in texts.items()}
+
+    def model_function(self, name: str) -> Callable[..., Any] | None:
+        """The function a method added as ``m.<name>``, called through the dispatcher (None if there is none)."""
+        entry = self.contributions.functions.get(name)
+        return None if entry is None else _dispatched(entry.ctx, FUNCTION, f"model function {name!r}", entry.fn)
+
+
+def _dispatched(ctx: MethodContext, phase: str, what: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return dispatch(ctx, phase, what, fn, *args, **kwargs)
+
+    return call

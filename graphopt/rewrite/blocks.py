@@ -1,0 +1,294 @@
+"""Residual blocks of a forward graph: discovery (``find_blocks``) and lookup in copies (``resolve_blocks``).
+
+A *block* is a module whose forward is ``x ↦ x + f(x, extras)``: one residual-stream input ``x``, one output
+of ``x``'s shape, starting with a residual add on ``x``; more residual adds, norms or an activation may follow
+(pre-norm ``GPT2Block``: ``g = x + attn(ln1(x)); g + mlp(ln2(g))``; post-norm ``BertLayer``:
+``a = LN(x + attn(x)); LN(a + ffn(a))``; ResNet basic blocks: ``relu(x + f(x))``). ``extras`` are other
+tensor inputs the stream does not flow through (an attention mask or position tensor built once outside
+the layers). Modules are read from ``node.meta["nn_module_stack"]``. Graph edits on blocks are in
+:mod:`graphopt.rewrite.block_edits`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from graphopt.errors import OptionError
+from graphopt.rewrite.layers import module_types
+
+aten = torch.ops.aten
+_ADDS = (aten.add.Tensor, aten.add_.Tensor)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A residual block found in a forward graph.
+
+    ``index``: 0-based position in execution order (the schedules' ``l`` is ``index + 1``); ``path``: the
+    module path (as in ``model.named_modules()``); ``module_type``: its class; ``input`` / ``output``: names of
+    the graph nodes entering and leaving it; ``residual_adds``: ``(add node, branch node)`` names of the
+    residual adds on its stream; ``parameters``: names (as ``named_parameters()`` gives them) of the parameters
+    it uses; ``extras``: names of its other tensor inputs (masks, position tensors), which the stream skips.
+    """
+
+    index: int
+    path: str
+    module_type: str
+    input: str
+    output: str
+    residual_adds: tuple[tuple[str, str], ...]
+    parameters: tuple[str, ...]
+    extras: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        adds = ", ".join(a for a, _ in self.residual_adds)
+        extras = f", extra inputs: {', '.join(self.extras)}" if self.extras else ""
+        return (f"block {self.index}: {self.path} ({self.module_type}), {self.input} -> {self.output}{extras}, "
+                f"residual adds: {adds}, {len(self.parameters)} parameters")
+
+
+def _module_paths(node: torch.fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) and value else None
+        if isinstance(path, str) and path and path not in paths:
+            paths.append(path)
+    return paths
+
+
+def module_members(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
+    """For each module path, the call nodes that run inside it (in graph order)."""
+    found: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or node.target == "_guards_fn":
+            continue
+        for path in _module_paths(node):
+            found.setdefault(path, []).append(node)
+    return found
+
+
+def _is_tensor(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return val is None or isinstance(val, torch.Tensor)
+
+
+def _same_type(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
+        return va is None and vb is None
+    return str(tuple(va.shape)) == str(tuple(vb.shape)) and va.dtype == vb.dtype
+
+
+def _stream(x_in: torch.fx.Node, x_out: torch.fx.Node, nodes: list[torch.fx.Node],
+            region: set[torch.fx.Node]) -> tuple[list[tuple[str, str]], str | None]:
+    """The residual adds on the stream ``x_in -> x_out`` of a module's nodes, or why there is no such stream.
+
+    The stream is the chain of nodes every path from ``x_in`` to ``x_out`` passes through (no edge jumps over
+    them); a residual add is a stream node ``previous + branch`` whose branch runs off the stream from an
+    earlier stream node. Inputs other than ``x_in`` (masks, position tensors) may feed any node.
+    """
+    descendants, stack = {x_in}, [x_in]
+    while stack:
+        for user in stack.pop().users:
+            if user in region and user not in descendants:
+                descendants.add(user)
+                stack.append(user)
+    if x_out not in descendants:
+        return [], "its output does not depend on that input"
+    ancestors, stack = {x_out}, [x_out]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg in region and arg not in ancestors:
+                ancestors.add(arg)
+                stack.append(arg)
+    on_path = [x_in] + [n for n in nodes if n in descendants and n in ancestors]
+    position = {n: i for i, n in enumerate(on_path)}
+    jumps = [0] * (len(on_path) + 1)
+    for node in on_path[1:]:
+        for arg in node.all_input_nodes:
+            if arg in position and position[node] - position[arg] > 1:
+                jumps[position[arg] + 1] += 1
+                jumps[position[node]] -= 1
+    stream, open_jumps = [], 0
+    for i, node in enumerate(on_path):
+        open_jumps += jumps[i]
+        if open_jumps == 0:
+            stream.append(node)
+    stream_set = set(stream)
+    adds: list[tuple[str, str]] = []
+    for previous, node in itertools.pairwise(stream):
+        if node.op != "call_function" or node.target not in _ADDS or node.kwargs.get("alpha", 1) != 1:
+            continue
+        operands = node.args[:2]
+        if previous not in operands:
+            continue
+        branch = operands[1] if operands[0] is previous else operands[0]
+        if isinstance(branch, torch.fx.Node) and branch in position and branch not in stream_set:
+            adds.append((node.name, branch.name))
+    if len(stream) < 2 or not adds or adds[0][0] != stream[1].name:
+        return [], "it does not start with a residual add x + f(x) on its input"
+    return adds, None
+
+
+def _analyse(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node], index: int = 0,
+             module_type: str = "") -> Block | str:
+    """The block that module ``path`` forms, or why it is not one.
+
+    Of the module's tensor inputs, exactly one (the residual stream ``x``, of the output's shape and dtype)
+    must start a residual stream to the output; the others (``extras``: attention masks, position tensors
+    built once outside the layers) may feed the branches but the stream does not flow through them.
+    """
+    region = set(nodes)
+    inputs: list[torch.fx.Node] = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in region and arg.op != "get_attr" and _is_tensor(arg) and arg not in inputs:
+                inputs.append(arg)
+    if not inputs:
+        return "it takes no tensor input"
+    outputs = [n for n in nodes if any(user not in region for user in n.users)]
+    if len(outputs) != 1:
+        return f"{len(outputs)} of its values are used outside it (a block returns one)"
+    x_out = outputs[0]
+    same = [n for n in inputs if _same_type(n, x_out)]
+    if not same:
+        return ("its output's shape or dtype differs from its input's" if len(inputs) == 1 else
+                f"none of its {len(inputs)} tensor inputs has its output's shape and dtype")
+    streams = {}
+    reason = ""
+    for candidate in same:
+        adds, why = _stream(candidate, x_out, nodes, region)
+        if why is None:
+            streams[candidate] = adds
+        else:
+            reason = why
+    if not streams:
+        return reason if len(inputs) == 1 else f"of its {len(inputs)} tensor inputs, none is a residual stream " \
+            f"to its output ({reason})"
+    if len(streams) > 1:
+        return (f"{len(streams)} of its tensor inputs ({', '.join(n.name for n in streams)}) each start a residual "
+                "stream to its output (a block has one)")
+    ((x_in, adds),) = streams.items()
+    extras = tuple(n.name for n in inputs if n is not x_in)
+    params = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and isinstance(_attr(gm, arg.target), torch.nn.Parameter):
+                params.append(arg.target)
+        if node.op == "call_module":
+            params += [f"{node.target}.{n}" for n, _ in gm.get_submodule(node.target).named_parameters()]
+    params = canonical_names(gm, params)
+    return Block(index, path, module_type, x_in.name, x_out.name, tuple(adds), tuple(dict.fromkeys(params)), extras)
+
+
+def canonical_names(gm: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """``names`` with each parameter under the name ``gm.named_parameters()`` gives it: a tied parameter
+    (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) may be read in the graph under either name."""
+    canonical = {id(p): n for n, p in gm.named_parameters()}
+    return [canonical.get(id(_attr(gm, n)), n) for n in names]
+
+
+def _attr(gm: torch.nn.Module, qualified: str) -> Any:
+    owner, _, name = qualified.rpartition(".")
+    try:
+        return getattr(gm.get_submodule(owner) if owner else gm, name)
+    except AttributeError:
+        return None
+
+
+def _outermost(paths: Sequence[str]) -> list[str]:
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
+
+
+def _is_container(path: str, candidates: Mapping[str, Block], members: Mapping[str, list[torch.fx.Node]]) -> bool:
+    """Whether candidate ``path`` is only a chain of blocks: two or more outermost candidates inside it cover
+    all of its nodes (an ``nn.Sequential`` of blocks, an encoder of layers). A transformer layer whose residual
+    adds sit in candidate sub-modules (BERT's ``BertSelfOutput`` / ``BertOutput``) still has nodes of its own
+    outside them (the attention itself, the intermediate MLP), so it is a block, not a container."""
+    inner = _outermost([q for q in candidates if q.startswith(path + ".")])
+    if len(inner) < 2:
+        return False
+    covered = {node for q in inner for node in members[q]}
+    return all(node in covered for node in members[path])
+
+
+def find_blocks(gm: torch.fx.GraphModule, blocks: str | Sequence[str] | None = None,
+                method: str = "layerdrop") -> list[Block]:
+    """The residual blocks of the forward graph ``gm``, in execution order.
+
+    A block is a module (read from ``node.meta["nn_module_stack"]``) whose nodes hand one tensor back to the
+    rest of the graph and take, among their tensor inputs, exactly one ``x`` of the output's shape and dtype
+    from which a residual stream reaches the output, the stream's first op being a residual add
+    ``x + f(x, extras)`` (``aten.add.Tensor`` or ``aten.add_.Tensor``; batch-norm counters are never that);
+    the other inputs (``extras``) only feed branches. With ``blocks=None`` every such module is a candidate;
+    a candidate whose nodes are all covered by two or more candidates inside it is a container (an
+    ``nn.Sequential`` of blocks, an encoder of layers), not a block; otherwise it is a block and the
+    candidates inside it are ignored (a BERT layer, whose residual adds sit in sub-modules but whose
+    attention and intermediate MLP do not, is a block). With ``blocks`` (a glob or
+    a list of globs over module paths), the outermost modules matching are the blocks, and each must be
+    a residual block. Errors are ``OptionError`` naming ``method`` and the option ``blocks``.
+    """
+    members = module_members(gm)
+    types = module_types(gm)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+
+    def analyse(path: str) -> Block | str:
+        return _analyse(gm, path, members[path], 0, types.get(path, ""))
+
+    if blocks is None:
+        candidates = {p: b for p in members if isinstance(b := analyse(p), Block)}
+        chosen: list[str] = []
+        for path in sorted(candidates, key=lambda p: (p.count("."), order[members[p][0]])):
+            if any(path.startswith(c + ".") for c in chosen):
+                continue
+            if _is_container(path, candidates, members):
+                continue
+            chosen.append(path)
+        if not chosen:
+            modules = ", ".join(sorted(members)) or "none (the graph carries no nn_module_stack)"
+            raise OptionError(
+                f"method {method!r}: found no residual block (a module computing x + f(x, extras) from one "
+                f"residual-stream input x, returning one tensor of x's shape) in the model; its modules: "
+                f"{modules}. Name the blocks with blocks='<module glob>' or use a model with residual blocks"
+            )
+        found = [candidates[p] for p in chosen]
+    else:
+        patterns = [blocks] if isinstance(blocks, str) else list(blocks)
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise OptionError(f"method {method!r}: option blocks={blocks!r} is invalid; use a module-path glob "
+                              "like 'layers.*' or a list of them")
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(m, p) for m in members)]
+        if unmatched:
+            raise OptionError(f"method {method!r}: option blocks pattern {unmatched[0]!r} matches no module; "
+                              f"modules in the graph: {', '.join(sorted(members)) or 'none'}")
+        matched = _outermost([m for m in members if any(fnmatch.fnmatchcase(m, p) for p in patterns)])
+        found = []
+        for path in matched:
+            block = analyse(path)
+            if isinstance(block, str):
+                raise OptionError(f"method {method!r}: option blocks={blocks!r} names module {path!r}, which is "
+                                  f"not a residual block: {block}")
+            found.append(block)
+    found.sort(key=lambda b: order[next(n for n in gm.graph.nodes if n.name == b.output)])
+    return [Block(i, b.path, b.module_type, b.input, b.output, b.residual_adds, b.parameters, b.extras)
+            for i, b in enumerate(found)]
+
+
+def resolve_blocks(gm: torch.fx.GraphModule, paths: Sequence[str], method: str) -> list[Block]:
+    """The blocks at ``paths`` in ``gm`` (a copy or rewrite of the graph they were found in)."""
+    found, types = module_members(gm), module_types(gm)
+    result = []
+    for i, path in enumerate(paths):
+        block = _analyse(gm, path, found.get(path, []), i, types.get(path, "")) if path in found else "absent"
+        if isinstance(block, str):
+            raise OptionError(f"method {method!r}: block {path!r} is no longer a residual block in this graph "
+                              f"({block}); another method changed it")
+        result.append(block)
+    return result

@@ -1,0 +1,109 @@
+"""The checkpoint format of a compiled model, and loading it all or nothing.
+
+``m.state_dict()`` is a flat dict: the forward graph's tensors under their own names (``encoder.0.weight``,
+adapters as ``encoder.0.hra_u``), then graphopt's entries under ``_graphopt.``:
+
+| key | value |
+|---|---|
+| ``_graphopt.step`` | training steps done (int) |
+| ``_graphopt.lr`` | the learning rate of the next step (float, or None without an optimizer) |
+| ``_graphopt.optim.<param>.<slot>`` | the optimizer's state of ``<param>`` (e.g. ``momentum_buffer``) |
+| ``_graphopt.method.<method>.<key>`` | a method's own state (e.g. a schedule's seed) |
+
+:func:`read_checkpoint` checks a state dict against the model completely before anything is changed, and
+:func:`apply_checkpoint` then applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from graphopt.errors import CheckpointError
+from graphopt.train.state import TrainState
+
+PREFIX = "_graphopt."
+STEP, LR = PREFIX + "step", PREFIX + "lr"
+OPTIM, METHOD = PREFIX + "optim.", PREFIX + "method."
+
+
+def build_state_dict(module: torch.nn.Module, train: TrainState,
+                     method_states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The flat state dict of the table above (tensors cloned: later steps do not change it)."""
+    state: dict[str, Any] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    state[STEP] = train.step
+    state[LR] = train.lr
+    for name, slots in train.slots.items():
+        for slot, value in slots.items():
+            state[f"{OPTIM}{name}.{slot}"] = value.detach().clone()
+    for method, values in method_states.items():
+        for key, value in values.items():
+            state[f"{METHOD}{method}.{key}"] = value
+    return state
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A state dict split into its parts, checked against one compiled model."""
+
+    module: dict[str, torch.Tensor]
+    step: int
+    lr: float | None
+    slots: dict[str, dict[str, torch.Tensor]]
+    methods: dict[str, dict[str, Any]]
+
+
+def read_checkpoint(state: Mapping[str, Any], module: torch.nn.Module, lr: float | None,
+                    stateful_methods: Sequence[str]) -> Checkpoint:
+    """Split ``state`` and check it fits ``module`` (the forward graph) and the model's methods; raises
+    ``CheckpointError`` naming every mismatch, having changed nothing."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"load_state_dict takes the dict m.state_dict() returned, got {type(state).__name__}")
+    own = module.state_dict()
+    tensors = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"state_dict does not fit this model: missing {missing}, unexpected {unexpected}")
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"state_dict entry {key!r} has shape {shape}, the model's has "
+                                  f"{tuple(own[key].shape)}")
+    params = [n for n, _ in module.named_parameters()]
+    slots: dict[str, dict[str, torch.Tensor]] = {}
+    methods: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        if key.startswith(OPTIM):
+            rest = key[len(OPTIM):]
+            name = max((p for p in params if rest.startswith(p + ".")), key=len, default=None)
+            if name is None:
+                raise CheckpointError(f"optimizer state {key!r} names no parameter of this model")
+            slots.setdefault(name, {})[rest[len(name) + 1:]] = value
+        elif key.startswith(METHOD):
+            method, _, sub = key[len(METHOD):].partition(".")
+            if method not in stateful_methods:
+                known = ", ".join(stateful_methods) or "none"
+                raise CheckpointError(f"state_dict holds state of method {method!r} ({key!r}), which this model "
+                                      f"has no state for; its methods with state: {known}")
+            methods.setdefault(method, {})[sub] = value
+        elif key not in (STEP, LR) and key.startswith(PREFIX):
+            raise CheckpointError(f"state_dict entry {key!r} is not part of graphopt's format")
+    step = state.get(STEP, 0)
+    if isinstance(step, torch.Tensor):
+        step = step.item()
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"state_dict entry {STEP!r} must be a step count >= 0, got {step!r}")
+    return Checkpoint({k: v for k, v in tensors.items()}, step, state.get(LR, lr), slots, methods)
+
+
+def apply_checkpoint(checkpoint: Checkpoint, module: torch.nn.Module, train: TrainState) -> None:
+    """Copy a checked ``checkpoint`` into ``module`` and ``train`` (method state is loaded by the caller)."""
+    with torch.no_grad():
+        module.load_state_dict(checkpoint.module, strict=True)
+    train.step = checkpoint.step
+    train.lr = checkpoint.lr
+    train.slots = {n: {k: v.detach().clone() for k, v in s.items()} for n, s in checkpoint.slots.items()}
