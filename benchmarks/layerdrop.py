@@ -64,7 +64,7 @@ def _step_time(quick: bool) -> dict[str, Any]:
                                         backend=backend, example_inputs=(x,))
     start = time.perf_counter()
     prog = models["progressive"]
-    while prog.trainer.trace_count < blocks:  # compile every cutoff's graph before timing
+    while prog.compile_stats().traces < blocks:  # compile every cutoff's graph before timing
         prog.step(x, y)
     models["full"].step(x, y)
     compile_s = time.perf_counter() - start
@@ -74,7 +74,7 @@ def _step_time(quick: bool) -> dict[str, Any]:
             "ms_per_step": {k: round(v, 2) for k, v in times.items()},
             "time_ratio_vs_full": ratios(times, "full"),
             "speedup_progressive": round(times["full"] / times["progressive"], 3),
-            "variants_compiled": prog.trainer.trace_count, "compile_s": round(compile_s, 1)}
+            "variants_compiled": prog.compile_stats().traces, "compile_s": round(compile_s, 1)}
 
 
 def digits_data() -> tuple[torch.Tensor, ...]:
@@ -107,9 +107,9 @@ def train_to_target(methods: list[str], seed: int, target: float, max_steps: int
         perm = torch.randperm(len(xtr), generator=gen)
         for i in range(0, len(xtr) - batch + 1, batch):
             idx = perm[i:i + batch]
-            traces, start = m.trainer.trace_count, time.perf_counter()
+            traces, start = m.compile_stats().traces, time.perf_counter()
             m.step(xtr[idx], ytr[idx])
-            if m.trainer.trace_count > traces:  # this step traced (and compiled) a new graph variant
+            if m.compile_stats().traces > traces:  # this step traced (and compiled) a new graph variant
                 compile_seconds += time.perf_counter() - start
             else:
                 seconds += time.perf_counter() - start
@@ -127,7 +127,7 @@ def train_to_target(methods: list[str], seed: int, target: float, max_steps: int
         accuracy = (m.eval()(xte).argmax(1) == yte).float().mean().item()
     return {"steps": reached, "train_seconds": round(seconds, 2), "compile_seconds": round(compile_seconds, 2),
             "test_accuracy": round(accuracy, 4),
-            "graphs_compiled": m.trainer.trace_count}
+            "graphs_compiled": m.compile_stats().traces}
 
 
 def _digits(quick: bool) -> dict[str, Any]:

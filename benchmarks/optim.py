@@ -79,7 +79,7 @@ class GraphoptStep:
     def resident_mib(self) -> float:
         """Parameters, optimizer state and the batch: the tensors alive before a step."""
         tensors = [p for _, p in self.m.named_parameters()]
-        tensors += [v for slots in self.m.trainer.state.values() for v in slots.values()] + [self.x, self.y]
+        tensors += [v for slots in self.m.optimizer_state().values() for v in slots.values()] + [self.x, self.y]
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
