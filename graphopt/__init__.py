@@ -9,14 +9,17 @@ each contribution runs, is documented once, in :mod:`graphopt.context`.
 """
 
 from graphopt import optim
-from graphopt.compiled_model import CompiledModel, CompileStats, compile
+from graphopt.api import compile
+from graphopt.compiled_model import CompiledModel, CompileStats
 from graphopt.context import MethodContext
 from graphopt.errors import (
     CaptureError,
     CheckpointError,
     ExportError,
     GraphoptError,
+    InputError,
     MethodError,
+    NotCapturedError,
     OptionError,
     PluginError,
     RewriteError,
@@ -26,12 +29,13 @@ from graphopt.export import ExportReport, export
 from graphopt.hookspecs import hookimpl
 from graphopt.method import Method, MethodInfo, Option
 from graphopt.plugins import list_methods, register_plugin, unregister_plugin
+from graphopt.progress import set_verbosity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "CheckpointError", "CompileStats", "CompiledModel", "ExportError", "ExportReport",
-    "GraphoptError", "Method", "MethodContext", "MethodError", "MethodInfo", "Option", "OptionError", "PluginError",
-    "RewriteError", "StepError", "__version__", "compile", "export", "hookimpl", "list_methods", "optim",
-    "register_plugin", "unregister_plugin",
+    "GraphoptError", "InputError", "Method", "MethodContext", "MethodError", "MethodInfo", "NotCapturedError",
+    "Option", "OptionError", "PluginError", "RewriteError", "StepError", "__version__", "compile", "export",
+    "hookimpl", "list_methods", "optim", "register_plugin", "set_verbosity", "unregister_plugin",
 ]

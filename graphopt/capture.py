@@ -6,10 +6,9 @@ are normalised so that ``nn.Linear``/``nn.Conv2d`` calls look as they do in the 
 (``aten.linear``/``aten.conv2d`` on ``get_attr`` weights), so every method sees one form.
 The model is deep-copied first: the user's model is never modified.
 
-Dynamic dimensions: by default dim 0 (batch) of every tensor input is dynamic. ``dynamic_dims`` marks
-others, one entry per positional input: a sequence of dim indices (negative counts from the end) or
-None for an input whose shape is static, e.g. ``dynamic_dims=[(0, 1)]`` for token ids ``(batch, seq)``.
-The choice is kept with the graph (``graphopt.rewrite.meta.captured_dynamic_dims``) and reused by
+Dynamic dimensions (see :mod:`graphopt.inputs`: by default the batch dim of every tensor input and the
+sequence dim of token tensors) are ``Dim.AUTO`` in ``torch.export``; the dims the graph kept dynamic are
+recorded with it (``graphopt.rewrite.meta.captured_dynamic_dims``) and reused by the training step and
 ``graphopt.export``.
 
 A model that neither path can capture (data-dependent Python control flow such as ``if x.sum() > 0:``)
@@ -20,83 +19,106 @@ never trains an unrewritten model instead.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import re
 import traceback
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from graphopt.errors import CaptureError, OptionError
+from graphopt.errors import CaptureError, InputError
+from graphopt.inputs import CallInputs, Dims, Key, at_least_two, normalise_dynamic_dims
 from graphopt.plugins import get_plugin_manager
+from graphopt.progress import logger
 from graphopt.rewrite.meta import set_capture_info
 
-DynamicDims = Sequence[Sequence[int] | None]
+
+def export_dynamic_shapes(forward: Any, inputs: CallInputs, dims: Dims, dim: Any = None) -> Any:
+    """``torch.export``'s ``dynamic_shapes`` for calling ``forward`` with ``inputs``: each dynamic dim
+    ``Dim.AUTO`` (or ``dim(key, d)``). Positional-only calls get a tuple; calls with keywords a dict by
+    ``forward``'s parameter names (bound from its signature, ``*args`` / ``**kwargs`` parameters included)."""
+    def spec(key: Key) -> dict[int, Any] | None:
+        if key not in dims:
+            return None
+        return {d: torch.export.Dim.AUTO if dim is None else dim(key, d) for d in dims[key]}
+
+    if not inputs.kwargs:
+        return tuple(spec(i) for i in range(len(inputs.args)))
+    signature = inspect.signature(forward)
+    bound = signature.bind(*inputs.args, **inputs.kwargs)
+    keys = {id(value): key for key, value in inputs.items()}
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(keys[id(v)]) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: spec(k) for k in value}
+        else:
+            shapes[name] = spec(keys[id(value)])
+    return shapes
 
 
-def normalise_dynamic_dims(example_inputs: tuple[Any, ...],
-                           dynamic_dims: DynamicDims | None) -> tuple[tuple[int, ...] | None, ...]:
-    """Per input, the sorted non-negative dims that are dynamic (None: static or not a tensor).
-
-    ``dynamic_dims=None`` means dim 0 of every tensor input with at least one dim. Otherwise one entry
-    per positional input: a sequence of dim indices (negative ones count from the end) or None.
-    Anything else is an ``OptionError`` saying what is allowed.
-    """
-    if dynamic_dims is None:
-        return tuple((0,) if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
-    allowed = ("use one entry per positional input: a sequence of dim indices, e.g. dynamic_dims=[(0, 1)] for "
-               "(batch, seq) token ids, or None for a static input")
-    if isinstance(dynamic_dims, (str, bytes)) or not isinstance(dynamic_dims, Sequence):
-        raise OptionError(f"dynamic_dims={dynamic_dims!r} is invalid; {allowed}")
-    if len(dynamic_dims) != len(example_inputs):
-        raise OptionError(f"dynamic_dims={dynamic_dims!r} has {len(dynamic_dims)} entries for "
-                          f"{len(example_inputs)} inputs; {allowed}")
-    result: list[tuple[int, ...] | None] = []
-    for index, (x, dims) in enumerate(zip(example_inputs, dynamic_dims)):
-        if dims is None or (isinstance(x, torch.Tensor) and x.dim() == 0 and not dims):
-            result.append(None)
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise OptionError(f"dynamic_dims[{index}]={dims!r}: input {index} is a {type(x).__name__}, not a "
-                              f"tensor; {allowed}")
-        if isinstance(dims, int) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-            raise OptionError(f"dynamic_dims[{index}]={dims!r} is invalid; {allowed}")
-        bad = [d for d in dims if not -x.dim() <= d < x.dim()]
-        if bad:
-            raise OptionError(f"dynamic_dims[{index}]={dims!r}: dim {bad[0]} is out of range for input {index} "
-                              f"of shape {tuple(x.shape)}; {allowed}")
-        result.append(tuple(sorted({d % x.dim() for d in dims})) or None)
-    return tuple(result)
+def bound_tensors(forward: Any, inputs: CallInputs) -> list[tuple[Key, torch.Tensor]]:
+    """The tensor inputs in the order of ``forward``'s parameters (the order an exported file takes them)."""
+    keys = {id(value): key for key, value in inputs.items()}
+    bound = inspect.signature(forward).bind(*inputs.args, **inputs.kwargs)
+    values = pytree.tree_leaves(dict(bound.arguments))
+    return [(keys[id(v)], v) for v in values if isinstance(v, torch.Tensor) and id(v) in keys]
 
 
-def dynamic_shapes(example_inputs: tuple[Any, ...], dynamic_dims: DynamicDims | None) -> tuple[Any, ...]:
-    """``torch.export`` ``dynamic_shapes`` for ``example_inputs``: ``Dim.AUTO`` on the dims of ``dynamic_dims``."""
-    normalised = normalise_dynamic_dims(example_inputs, dynamic_dims)
-    return tuple(None if dims is None else dict.fromkeys(dims, torch.export.Dim.AUTO) for dims in normalised)
+def kept_dynamic(gm: torch.fx.GraphModule, inputs: CallInputs, dims: Dims) -> Dims:
+    """The requested ``dims`` the captured graph kept symbolic (a model may specialise one, e.g. a fixed
+    sequence length): read from the shapes of its input placeholders."""
+    placeholders = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [v for v in placeholders if isinstance(v, torch.Tensor)]
+    keys = [key for key, _ in bound_tensors(gm.forward, inputs)]
+    if len(tensors) != len(keys):  # a graph without per-input placeholder metadata: trust the request
+        return dict(dims)
+    kept: Dims = {}
+    for key, fake in zip(keys, tensors):
+        symbolic = tuple(d for d in dims.get(key, ()) if not isinstance(fake.shape[d], int))
+        if symbolic:
+            kept[key] = symbolic
+    return kept
 
 
-def capture(model: nn.Module, example_inputs: tuple[Any, ...],
-            dynamic_dims: DynamicDims | None = None) -> torch.fx.GraphModule:
-    """A deep copy of ``model`` as a GraphModule; ``graphopt.rewrite.meta.capture_path(gm)`` says which path worked.
+def capture(model: nn.Module, inputs: CallInputs | tuple[Any, ...], dims: Dims | None = None) -> torch.fx.GraphModule:
+    """A deep copy of ``model`` as a GraphModule; ``graphopt.rewrite.meta.capture_path(gm)`` says which path
+    worked and ``captured_dynamic_dims(gm)`` which dims stayed dynamic.
 
-    ``dynamic_dims``: see the module docstring (default: the batch dim of every tensor input).
+    ``inputs``: a ``CallInputs`` or a tuple of positional inputs. ``dims``: the dynamic dims (default: those of
+    ``graphopt.inputs``). A dynamic dim of size 1 in the example is captured from an example grown to 2
+    along it (``torch.export`` would specialise it to 1).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"graphopt captures torch.nn.Module objects, got {type(model).__name__}")
-    dims = normalise_dynamic_dims(example_inputs, dynamic_dims)
+    inputs = inputs if isinstance(inputs, CallInputs) else CallInputs(tuple(inputs))
+    dims = normalise_dynamic_dims(inputs, None) if dims is None else dims
+    try:
+        inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+    except TypeError as err:
+        raise InputError(f"{type(model).__name__}.forward does not take the inputs {inputs.describe()}: {err}") from err
     model = copy.deepcopy(model)
-    hooked = get_plugin_manager().hook.graphopt_capture(model=model, example_inputs=example_inputs)
+    hooked = get_plugin_manager().hook.graphopt_capture(model=model, example_inputs=inputs.args)
     if hooked is not None:
         set_capture_info(hooked, "plugin", dims)
         return hooked
+    example = at_least_two(inputs, dims)
     try:
-        exported = torch.export.export(
-            model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes(example_inputs, dims)
-        )
+        exported = torch.export.export(model, example.args, example.kwargs or None, strict=False,
+                                       dynamic_shapes=export_dynamic_shapes(model.forward, example, dims))
         gm = exported.module()
-        set_capture_info(gm, "torch.export", dims)
+        kept = kept_dynamic(gm, inputs, dims)
+        for key, wanted in dims.items():
+            lost = [d for d in wanted if d not in kept.get(key, ())]
+            if lost:
+                logger.info("capture: dim %s of input %r is static: the model specialises it", lost, key)
+        set_capture_info(gm, "torch.export", kept)
+        check_eval_mode(model, gm, inputs)
         return gm
     except Exception as export_error:
         try:
@@ -114,6 +136,28 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...],
         normalise_module_calls(gm)
         set_capture_info(gm, "symbolic_trace", dims, f"{type(export_error).__name__}: {_first_line(export_error)}")
         return gm
+
+
+def check_eval_mode(model: nn.Module, gm: torch.fx.GraphModule, inputs: CallInputs) -> None:
+    """Warn when the graph's inference form (``graphopt.rewrite.modes``) does not reproduce ``model.eval()`` on
+    the example: the model then has a ``self.training`` branch graphopt cannot switch, and ``m.eval()``
+    would not equal the model's own eval mode."""
+    from graphopt.rewrite.modes import inference_graph
+
+    with torch.no_grad(), torch.random.fork_rng():
+        try:
+            model.eval()
+            expected = model(*inputs.args, **inputs.kwargs)
+        finally:
+            model.train()
+        actual = inference_graph(gm)(*inputs.args, **inputs.kwargs)
+    pairs = list(zip(*(pytree.tree_leaves(x) for x in (expected, actual))))
+    diffs = [(e.double() - a.double()).abs().max().item() / (1 + e.double().abs().max().item())
+             for e, a in pairs if isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor) and e.numel()]
+    if diffs and max(diffs) > 1e-4:
+        logger.warning("capture: the inference graph differs from %s.eval() by %.3g (relative) on the example "
+                       "inputs: the model has a `self.training` branch graphopt cannot switch in the graph, so "
+                       "m.eval() will not equal its eval mode", type(model).__name__, max(diffs))
 
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep

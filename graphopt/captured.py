@@ -17,10 +17,12 @@ import torch
 
 from graphopt.contributions import Contributions
 from graphopt.dispatch import EXPORT, FUNCTION, INFERENCE, STATE, dispatch
+from graphopt.inputs import CallInputs, Dims, check_call
 from graphopt.quiet import quiet_torch_internals
 from graphopt.rewrite.adapters import drop_unused_parameters
 from graphopt.rewrite.modes import inference_graph
 from graphopt.train.state import TrainState
+from graphopt.train.tracing import compile_graph, mark_dynamic
 
 if TYPE_CHECKING:
     from graphopt.context import MethodContext
@@ -30,15 +32,17 @@ if TYPE_CHECKING:
 class CapturedModel:
     """The captured forward graph ``gm`` with its contributions, training step and inference form."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...], train_state: TrainState,
+    def __init__(self, gm: torch.fx.GraphModule, example: CallInputs, dims: Dims, train_state: TrainState,
                  reserved_names: frozenset[str] = frozenset()) -> None:
         self.gm = gm
-        self.example_inputs = example_inputs
+        self.example = example  # copies of the inputs it was captured with
+        self.dims = dims  # the dynamic dims the captured graph kept
         self.train_state = train_state
         self.reserved_names = reserved_names  # attributes of the compiled model a method may not add
         self.contributions = Contributions()
         self.contexts: list[MethodContext] = []
         self.trainer: TrainingStep | None = None
+        self.compiles = 0  # backend compiles of the forward, inference and training-step graphs
         self._inference: torch.fx.GraphModule | None = None
         self._compiled_forward: dict[int, Callable[..., Any]] = {}
 
@@ -51,6 +55,9 @@ class CapturedModel:
         self._compiled_forward.clear()
         if self.trainer is not None:
             self.trainer.invalidate()
+
+    def count_compile(self) -> None:
+        self.compiles += 1
 
     def map_slots(self, name: str, old_shape: tuple[int, ...] | None,
                   fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
@@ -78,15 +85,19 @@ class CapturedModel:
             self._inference = inference
         return self._inference
 
-    def forward(self, training: bool, backend: str, inputs: tuple[Any, ...]) -> Any:
-        """Run the training-mode forward graph or the inference graph, compiled unless ``backend="eager"``."""
+    def forward(self, training: bool, backend: str, inputs: CallInputs) -> Any:
+        """Run the training-mode forward graph or the inference graph on ``inputs`` (checked against the
+        captured signature), compiled unless ``backend="eager"``."""
+        check_call(self.example, self.dims, inputs)
         module = self.gm if training else self.inference_module()
         if backend == "eager":
-            return module(*inputs)
+            return module(*inputs.args, **inputs.kwargs)
         compiled = self._compiled_forward.get(id(module))
         if compiled is None:
-            compiled = self._compiled_forward[id(module)] = torch.compile(module, backend=backend)
-        return compiled(*inputs)
+            what = "forward (training mode)" if training else "forward (inference)"
+            compiled = self._compiled_forward[id(module)] = compile_graph(module, backend, what, self.count_compile)
+        mark_dynamic(inputs, self.dims)
+        return compiled(*inputs.args, **inputs.kwargs)
 
     def export_graph(self, merge: bool) -> torch.fx.GraphModule:
         """A deep copy of the inference graph after every method's export passes of this ``merge``:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphopt.compiled_model import compile as compile_model
+from graphopt.api import compile as compile_model
 from graphopt.errors import GraphoptError
 from graphopt.export import export
 from graphopt.plugins import list_methods

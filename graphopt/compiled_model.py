@@ -1,9 +1,15 @@
-"""``graphopt.compile`` and the :class:`CompiledModel` it returns.
+"""``graphopt.compile`` and the :class:`CompiledModel` it returns, a ``torch.nn.Module``.
 
-``compile`` validates the specs and copies the user's model at once (later changes to the user's model do
-not leak in; the user's model is never modified). The compiled model captures on first use (or at once
-when ``example_inputs`` are given): capture (:mod:`graphopt.capture`), the methods applied
+``compile`` validates the specs and options and copies the user's model at once (later changes to the
+user's model do not leak in; the user's model is never modified). The compiled model captures on first
+use (or at once when ``example_inputs`` are given): capture (:mod:`graphopt.capture`), the methods applied
 (:mod:`graphopt.rewrite.passes`), and the training step built lazily (:mod:`graphopt.train.step`).
+
+As a module it *is* the rewritten model: its parameters, buffers and submodules are those of the captured
+graph, under the names of the original model (adapters added as ``<path>.<method>_<name>``, frozen base
+weights with ``requires_grad=False``), so ``.to()``, ``.train()``/``.eval()``, nesting in a parent module,
+``parameters()`` for a torch optimizer and ``m(x)`` + ``loss.backward()`` work as for any module, and
+``m.step`` is the fused fast path. Parameters exist once the model is captured.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,79 +26,139 @@ from torch import nn
 
 from graphopt.capture import capture
 from graphopt.captured import CapturedModel
-from graphopt.distributed import broadcast_module, check_process_group, gradient_mean
-from graphopt.errors import OptionError
+from graphopt.distributed import broadcast_module, gradient_mean
+from graphopt.errors import InputError, NotCapturedError, OptionError
+from graphopt.inputs import CallInputs, DynamicDims, normalise_dynamic_dims
 from graphopt.method import Method
 from graphopt.optim import Optimizer
-from graphopt.plugins import get_plugin_manager, method_registry
+from graphopt.plugins import get_plugin_manager
+from graphopt.progress import stage
+from graphopt.rewrite.meta import captured_dynamic_dims
 from graphopt.rewrite.passes import apply_methods
-from graphopt.specs import MethodSpec, resolve_methods
 from graphopt.train.checkpoint import apply_checkpoint, build_state_dict, read_checkpoint
 from graphopt.train.state import LrSchedule, TrainState
 from graphopt.train.step import TrainingStep
+from graphopt.train.step_function import StepOptions
+from graphopt.training_options import TrainingOptions, step_inputs
 
-BACKENDS = ("inductor", "eager", "aot_eager")
+
+class _BoundForward:
+    """``m.forward`` of one compiled model: its forward, showing the original model's signature (tools such as
+    ``transformers.Trainer`` read it to pick the batch's columns)."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: CompiledModel) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model._forward(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.model.forward_signature
+
+
+class _SignedForward:
+    """``CompiledModel.forward``: the plain function on the class, ``_BoundForward`` on an instance."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self.function if instance is None else _BoundForward(instance)
 
 
 @dataclass(frozen=True)
 class CompileStats:
     """``traces``: training-step graphs traced so far; ``cached``: the step variant of each compiled step in
-    the cache (``()`` is the full graph), least recently used first."""
+    the cache (``()`` is the full graph), least recently used first; ``compiles``: backend compiles so far
+    (``torch.compile`` of the training step, the forward and the inference graph; 0 with ``backend="eager"``)."""
 
     traces: int
     cached: tuple[Hashable, ...]
+    compiles: int = 0
 
 
-class CompiledModel:
-    """A model rewritten by graphopt methods.
+class CompiledModel(nn.Module):
+    """A model rewritten by graphopt methods (see the module docstring).
 
-    ``m(x)`` runs the rewritten forward (differentiable); ``m.step(*inputs, target)`` runs one training
-    step (forward, loss, backward, fused update) and returns the detached loss. Methods may add
-    functions (``m.prune()``, ``m.sora_ranks()``) when the model is captured; ``dir(m)`` lists them.
+    ``m(*args, **kwargs)`` runs the rewritten forward (differentiable; the inference graph after ``m.eval()``);
+    ``m.step(*inputs, target)`` or ``m.step(**batch)`` runs one training step (forward, loss, backward, fused
+    update) and returns the detached loss. Methods may add functions (``m.prune()``) when the model is
+    captured; ``dir(m)`` lists them.
     """
 
+    accepts_loss_kwargs = False  # transformers.Trainer: pass no loss keywords the captured graph does not take
+
     def __init__(self, model: nn.Module, methods: list[Method], loss_fn: Callable[..., torch.Tensor] | None,
-                 example_inputs: tuple[Any, ...] | None, backend: str, dynamic_dims: Any = None,
-                 process_group: Any = None) -> None:
+                 backend: str, dynamic_dims: DynamicDims | None, options: TrainingOptions) -> None:
+        super().__init__()
         self.model_name = type(model).__name__
+        self.forward_signature = inspect.signature(model.forward)  # what m.forward shows (Trainer reads it)
         self.methods = methods
         self.loss_fn = loss_fn
         self.backend = backend
         self.dynamic_dims = dynamic_dims
-        self.process_group = process_group
-        self.training = True
+        self.options = options
         optimizer = next((m for m in methods if isinstance(m, Optimizer)), None)
-        self._train_state = TrainState(lr=optimizer.lr if optimizer is not None else None)
-        self._model: nn.Module | None = copy.deepcopy(model)  # ours from now on; dropped once captured
-        self._captured: CapturedModel | None = None
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # the step generator's, from the global one
+        self._train_state = TrainState(lr=optimizer.lr if optimizer is not None else None, seed=seed)
         self._pending_state: Mapping[str, Any] | None = None
-        if example_inputs is not None:
-            self._capture(tuple(example_inputs))
+        self._captured: CapturedModel | None = None
+        self._model: nn.Module | None = None
+        self._become(copy.deepcopy(model))  # ours from now on; replaced by the graph once captured
+
+    def _become(self, module: nn.Module) -> None:
+        """Share ``module``'s parameters, buffers and submodules: this module's state *is* its state."""
+        object.__setattr__(self, "_model", module)
+        for attr in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            object.__setattr__(self, attr, getattr(module, attr))
 
     # -- capture ----------------------------------------------------------------------------------
-    def _capture(self, example_inputs: tuple[Any, ...]) -> CapturedModel:
-        checks = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
-        gm = capture(self._model, checks, self.dynamic_dims)
-        captured = CapturedModel(gm, checks, self._train_state, frozenset(dir(type(self))))
-        apply_methods(captured, self.methods)
+    def _capture(self, inputs: CallInputs) -> CapturedModel:
+        checks = inputs.detached_copy()
+        dims = normalise_dynamic_dims(checks, self.dynamic_dims)
+        with stage(f"capture of {self.model_name}"):
+            try:
+                gm = capture(self._model, checks, dims)
+            except InputError as err:
+                if self.loss_fn is not None:
+                    raise
+                raise InputError(f"{err}; without loss_fn, m.step passes every argument to the model (for a model "
+                                 "that computes its own loss): give graphopt.compile(..., loss_fn=...) to pass a "
+                                 "target last") from err
+        captured = CapturedModel(gm, checks, captured_dynamic_dims(gm) or {}, self._train_state,
+                                 frozenset(dir(type(self))))
+        with stage(f"methods applied ({', '.join(m.name for m in self.methods) or 'none'})"):
+            apply_methods(captured, self.methods, self.options.trainable)
         reduce_grad = None
-        if self.process_group is not None:  # data parallel: same start on every rank, gradients averaged
-            broadcast_module(gm, self.process_group)
-            reduce_grad = gradient_mean(self.process_group)
-        captured.trainer = TrainingStep(captured, self.loss_fn, self.backend, reduce_grad)
+        if self.options.process_group is not None:  # data parallel: same start on every rank, mean gradient
+            broadcast_module(gm, self.options.process_group)
+            reduce_grad = gradient_mean(self.options.process_group)
+        device = next((p.device.type for p in gm.parameters()), "cpu")
+        step_options = StepOptions(accumulation_steps=self.options.gradient_accumulation_steps,
+                                   precision=self.options.precision, guarded=self.options.guarded,
+                                   device_type=device)
+        captured.trainer = TrainingStep(captured, self.loss_fn, self.backend, step_options,
+                                        self.options.on_nonfinite, reduce_grad, self.options.checkpoint_blocks)
         if self._pending_state is not None:
             self._load(captured, self._pending_state)
-        self._captured, self._model, self._pending_state = captured, None, None
+        self._captured, self._pending_state = captured, None
+        self._become(gm)
+        self.train(self.training)
         return captured
 
-    def _ensure_captured(self, inputs: tuple[Any, ...]) -> CapturedModel:
+    def _ensure_captured(self, inputs: CallInputs) -> CapturedModel:
         return self._captured if self._captured is not None else self._capture(inputs)
 
     @property
     def captured(self) -> CapturedModel:
         """The captured model (forward graph, contributions, training step); raises before the first call."""
         if self._captured is None:
-            raise RuntimeError("the model is captured on first call; call it once or pass example_inputs=")
+            raise NotCapturedError("the model is captured on first call: call it once (m(x) or m.step(...)) or "
+                                   "pass example_inputs= to graphopt.compile")
         return self._captured
 
     @property
@@ -110,25 +176,27 @@ class CompiledModel:
         return self.captured.export_graph(merge)
 
     # -- forward and training ---------------------------------------------------------------------
-    def __call__(self, *inputs: Any) -> Any:
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The rewritten forward (the training-mode graph, or the inference graph after ``m.eval()``)."""
+        inputs = CallInputs(args, kwargs)
         return self._ensure_captured(inputs).forward(self.training, self.backend, inputs)
 
-    def step(self, *inputs_and_target: Any) -> torch.Tensor:
-        """One training step on ``inputs`` (all but the last argument) and ``target`` (the last); returns the loss."""
-        if len(inputs_and_target) < 2:
-            raise TypeError("step(*inputs, target) needs at least one input and the target")
-        *inputs, target = inputs_and_target
-        captured = self._ensure_captured(tuple(inputs))
-        loss = captured.trainer(tuple(inputs), target)
+    forward = _SignedForward(_forward)
+
+    def step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One training step; returns the loss. ``m.step(*inputs, target)``: the last positional argument is
+        the target of ``loss_fn``; ``m.step(**batch)``: ``labels`` is the target when ``loss_fn`` is given,
+        else an input of a model that computes its own loss (``output.loss``)."""
+        inputs, target = step_inputs(args, kwargs, self.loss_fn is not None)
+        captured = self._ensure_captured(inputs)
+        loss = captured.trainer(inputs, target)
         get_plugin_manager().hook.graphopt_step_end(model=self, step=self._train_state.step, loss=loss)
         return loss
 
-    def train(self, mode: bool = True) -> CompiledModel:
-        self.training = mode
-        return self
-
-    def eval(self) -> CompiledModel:
-        return self.train(False)
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because their loss or a gradient was not finite (``on_nonfinite="skip"``)."""
+        return self._train_state.skipped
 
     @property
     def lr(self) -> float | None:
@@ -148,30 +216,51 @@ class CompiledModel:
 
     @property
     def step_count(self) -> int:
-        """Training steps done."""
+        """Optimizer steps done (with gradient accumulation: updates, not micro-batches)."""
         return self._train_state.step
 
     def compile_stats(self) -> CompileStats:
         """How many training-step graphs were traced, and which step variants are compiled now."""
         trainer = self.captured.trainer
-        return CompileStats(trainer.traces, tuple(trainer.cached_variants()))
+        return CompileStats(trainer.traces, tuple(trainer.cached_variants()), self.captured.compiles)
 
     def training_graphs(self) -> list[torch.fx.GraphModule]:
         """The traced training-step graphs (forward, loss, backward and update as one aten graph) compiled now,
         least recently used first: to read what runs in a step."""
         return self.captured.trainer.traced_graphs()
 
-    # -- parameters and state ---------------------------------------------------------------------
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The trainable parameters (adapters only when adapters were added)."""
-        for name, param in self.graph_module.named_parameters():
-            if param.requires_grad:
-                yield name, param
+    # -- nn.Module behaviour ------------------------------------------------------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every parameter of the rewritten model (frozen base weights with ``requires_grad=False``)."""
+        self.captured  # noqa: B018 - parameters exist once captured (adapters are added then)
+        return super().named_parameters(prefix, recurse, remove_duplicate)
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for _, param in self.named_parameters():
-            yield param
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters that train (``requires_grad``), by name: the adapters when any were added."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._captured is not None:
+            super().zero_grad(set_to_none)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CompiledModel:
+        """``.to()``, ``.double()``, ...: the model, the fused optimizer's state of a parameter's shape and the
+        captured example inputs (what later calls are checked against); compiled graphs are rebuilt."""
+        super()._apply(fn, recurse)
+        slots = self._train_state.slots
+        if self._captured is not None:
+            shapes = {n: p.shape for n, p in self._captured.gm.named_parameters()}
+            for name, state in slots.items():
+                slots[name] = {k: fn(v) if v.shape == shapes.get(name) else v for k, v in state.items()}
+            for name, buffer in self._train_state.accum.items():
+                self._train_state.accum[name] = fn(buffer)
+            captured = self._captured
+            captured.example = captured.example.map(lambda _, v: fn(v) if isinstance(v, torch.Tensor) else v)
+            captured.graph_changed()
+        return self
+
+    # -- state ------------------------------------------------------------------------------------
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """A copy of the fused optimizer's state: ``{parameter: {slot: tensor}}`` (filled at the first step)."""
         return {n: {k: v.detach().clone() for k, v in s.items()} for n, s in self._train_state.slots.items()}
@@ -180,18 +269,22 @@ class CompiledModel:
         """What each method found or did (``graphopt show`` prints it), by method name."""
         return self.captured.descriptions()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Module tensors under their own names, plus optimizer and method state under ``_graphopt.``
-        (the format is documented in ``graphopt.train.checkpoint``)."""
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Module tensors under their own names, plus optimizer, generator and method state under
+        ``_graphopt.`` (the format is documented in ``graphopt.train.checkpoint``)."""
+        if args or kwargs:
+            raise TypeError("CompiledModel.state_dict() takes no arguments (a parent module's state_dict holds "
+                            "this model's tensors without graphopt's own state)")
         captured = self.captured
         return build_state_dict(captured.gm, self._train_state, captured.method_states())
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load what :meth:`state_dict` returned, all or nothing (deferred until capture when not captured)."""
         if self._captured is None:
             self._pending_state = dict(state)
-            return
+            return None
         self._load(self._captured, state)
+        return None
 
     def _load(self, captured: CapturedModel, state: Mapping[str, Any]) -> None:
         checkpoint = read_checkpoint(state, captured.gm, self._train_state.lr, sorted(captured.stateful_methods()))
@@ -200,6 +293,10 @@ class CompiledModel:
 
     # -- functions methods added --------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
         captured = self.__dict__.get("_captured")
         function = captured.model_function(name) if captured is not None else None
         if function is None:
@@ -222,61 +319,3 @@ class CompiledModel:
     def __repr__(self) -> str:
         specs = ", ".join(m.spec() for m in self.methods)
         return f"<graphopt.CompiledModel of {self.model_name} [{specs}] backend={self.backend!r}>"
-
-
-def compile(
-    model: nn.Module | type | Callable[..., nn.Module] | None = None,
-    *,
-    methods: Iterable[MethodSpec] | MethodSpec = (),
-    loss_fn: Callable[..., torch.Tensor] | None = None,
-    example_inputs: tuple[Any, ...] | None = None,
-    backend: str = "inductor",
-    dynamic_dims: Sequence[Sequence[int] | None] | None = None,
-    process_group: Any = None,
-) -> Any:
-    """Rewrite ``model`` with ``methods`` and return a :class:`CompiledModel`.
-
-    Without ``model`` it returns a decorator for an ``nn.Module`` subclass (instances come back
-    compiled), an instance, or a factory function. Specs are validated here, before any capture.
-    ``dynamic_dims``: which input dims the captured graph keeps dynamic, one entry per positional input
-    (dim indices or None), e.g. ``[(0, 1)]`` for ``(batch, seq)`` token ids; default the batch dim of
-    every tensor input (see ``graphopt.capture``). Export reuses it.
-    ``process_group``: a ``torch.distributed`` ProcessGroup for data parallel training: ``m.step`` averages
-    the gradients over its ranks inside the training graph (see ``graphopt.distributed``).
-    """
-    if process_group is not None:
-        check_process_group(process_group)
-    if backend not in BACKENDS:
-        raise OptionError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    registry = {name: info.cls for name, info in method_registry().items()}
-    resolved = resolve_methods(methods, registry)
-    optimizers = [m.name for m in resolved if isinstance(m, Optimizer)]
-    if len(optimizers) > 1:
-        raise OptionError(f"one optimizer method per model, got {', '.join(map(repr, optimizers))}; keep one")
-
-    def build(target: nn.Module) -> CompiledModel:
-        return CompiledModel(target, [m.fresh() for m in resolved], loss_fn, example_inputs, backend, dynamic_dims,
-                             process_group)
-
-    if model is None:
-        return lambda target: _wrap(target, build)
-    return _wrap(model, build)
-
-
-def _wrap(target: Any, build: Callable[[nn.Module], CompiledModel]) -> Any:
-    if isinstance(target, nn.Module):
-        return build(target)
-    if inspect.isclass(target) and issubclass(target, nn.Module):
-        @functools.wraps(target, updated=())
-        def make_compiled(*args: Any, **kwargs: Any) -> CompiledModel:
-            return build(target(*args, **kwargs))
-        return make_compiled
-    if callable(target):
-        @functools.wraps(target)
-        def compiled_factory(*args: Any, **kwargs: Any) -> CompiledModel:
-            model = target(*args, **kwargs)
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"{target.__name__} returned {type(model).__name__}, not an nn.Module")
-            return build(model)
-        return compiled_factory
-    raise TypeError(f"graphopt.compile takes an nn.Module, a Module subclass or a factory, got {type(target).__name__}")

@@ -56,6 +56,7 @@ import torch
 from graphopt.contributions import Entry, PostUpdateEntry, StateEntry, VariantEntry
 from graphopt.dispatch import APPLY, FUNCTION
 from graphopt.errors import GraphoptError
+from graphopt.inputs import CallInputs
 from graphopt.plugins import plugin_of
 from graphopt.rewrite.layers import DEFAULT_KINDS, LayerCall, layer_calls, select_layers
 
@@ -86,9 +87,9 @@ class MethodContext:
         return self._captured.gm
 
     @property
-    def example_inputs(self) -> tuple[Any, ...]:
-        """Copies of the inputs the model was captured with."""
-        return self._captured.example_inputs
+    def example_inputs(self) -> CallInputs:
+        """Copies of the inputs the model was captured with (``.args``, ``.kwargs``)."""
+        return self._captured.example
 
     def layers(self, kinds: Iterable[str] = DEFAULT_KINDS) -> list[LayerCall]:
         """The linear/conv calls of the forward graph in execution order (see ``graphopt.rewrite.layers``)."""

@@ -19,12 +19,20 @@ class OptionError(GraphoptError, ValueError):
     """A method spec, an option or an argument is invalid (unknown method, unknown option, bad value)."""
 
 
+class InputError(GraphoptError, ValueError):
+    """A call's inputs do not fit the captured graph (other inputs, another dtype or rank, a static dim changed)."""
+
+
 class PluginError(GraphoptError, RuntimeError):
     """A plugin failed while registering or two plugins clash."""
 
 
 class CaptureError(GraphoptError, RuntimeError):
     """Neither capture path could turn the model into a graph."""
+
+
+class NotCapturedError(GraphoptError, RuntimeError):
+    """What needs the captured graph was asked for before the model was captured (it is, on its first call)."""
 
 
 class RewriteError(GraphoptError, RuntimeError):

@@ -101,6 +101,83 @@ def tiny_resnet(seed: int = 0) -> nn.Module:
     return LogitsOnly(ResNetForImageClassification(config))
 
 
+# -- default configs (dropout on), returning the models' own ModelOutputs --------------------------------------
+def default_bert(seed: int = 0) -> nn.Module:
+    """``BertForSequenceClassification`` with BERT's default dropout (0.1), tiny: 2 layers, hidden 64, 3 labels."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=128,
+                                                    max_position_embeddings=64, num_labels=NUM_LABELS))
+
+
+def default_gpt2(seed: int = 0) -> nn.Module:
+    """``GPT2LMHeadModel`` with GPT-2's default dropout (0.1), tiny: 2 layers, hidden 64, vocab 256."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                      use_cache=False, bos_token_id=0, eos_token_id=0))
+
+
+def default_vit(seed: int = 0) -> nn.Module:
+    """``ViTForImageClassification``, tiny (16×16 images, patches of 4); ViT's default dropout is 0, so its
+    two dropout probabilities are set to 0.1 to exercise the switch."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, intermediate_size=128, num_labels=NUM_LABELS,
+                                               hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
+
+
+def default_llama(seed: int = 0) -> nn.Module:
+    """``LlamaForCausalLM``, tiny (grouped-query attention, 2 key/value heads); Llama's default attention
+    dropout is 0, so it is set to 0.1 to exercise the switch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, use_cache=False, attention_dropout=0.1))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return torch.relu(out)
+
+
+class TorchvisionStyleResNet(nn.Module):
+    """A torchvision-style ResNet (stem, two stages of basic blocks, pooling) with dropout 0.2 before the head."""
+
+    def __init__(self, classes: int = NUM_LABELS) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, 2), BasicBlock(32, 32))
+        self.dropout, self.fc = nn.Dropout(0.2), nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer2(self.layer1(torch.relu(self.bn1(self.conv1(x)))))
+        return self.fc(self.dropout(h.mean((2, 3))))
+
+
 def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy over every position: ``logits (B, T, V)``, ``target (B, T)``."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))

@@ -78,6 +78,12 @@ def test_compile_surfaces_capture_error_and_leaves_model_alone() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_inputs_the_forward_does_not_take_are_named(mlp) -> None:
+    with pytest.raises(graphopt.InputError, match=r"MLP.forward does not take the inputs \(float32\[2, 8\], "
+                                                  r"float32\[2\]\)"):
+        capture(mlp, (torch.randn(2, 8), torch.randn(2)))
+
+
 def test_non_module_is_rejected() -> None:
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         capture(lambda x: x, (torch.randn(2),))

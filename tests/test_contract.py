@@ -70,12 +70,12 @@ def test_the_matrix_covers_built_ins_and_the_third_party_example() -> None:
 def test_method_contract(example_plugin, name: str, tmp_path) -> None:
     m = compiled(name)
     m.graph_module.graph.lint()
-    assert list(m.named_parameters()), "a compiled model trains something"
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    assert list(m.trainable_parameters().items()), "a compiled model trains something"
+    before = {n: p.detach().clone() for n, p in m.trainable_parameters().items()}
     for step in range(3):
         torch.manual_seed(100 + step)  # dropout masks
         assert torch.isfinite(m.step(*batch(step)))
-    assert any(not torch.equal(before[n], p) for n, p in m.named_parameters())
+    assert any(not torch.equal(before[n], p) for n, p in m.trainable_parameters().items())
 
     # state_dict round trip: bit-exact, and the next step too
     saved = m.state_dict()
@@ -88,8 +88,8 @@ def test_method_contract(example_plugin, name: str, tmp_path) -> None:
     for model in (m, resumed):
         torch.manual_seed(7)
         model.step(*batch(9))
-    expected = dict(m.named_parameters())
-    assert all(torch.equal(p, expected[n]) for n, p in resumed.named_parameters())
+    expected = m.trainable_parameters()
+    assert all(torch.equal(p, expected[n]) for n, p in resumed.trainable_parameters().items())
 
     # export, merged and unmerged, run in onnxruntime against the PyTorch model in eval mode
     x = batch(11, size=5)[0]

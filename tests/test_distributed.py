@@ -31,7 +31,7 @@ def make_model(seed: int, kind: str = "mlp") -> nn.Module:
     if kind == "gpt2":
         from models import tiny_gpt2
 
-        return tiny_gpt2(seed)
+        return tiny_gpt2(seed).double()
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3)).double()
 
@@ -60,7 +60,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, methods: list[str], out_dir: str, kind: str, backend: str) -> None:
+def _worker(rank: int, port: int, methods: list[str], out_dir: str, kind: str, backend: str,
+            policy: str | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -70,7 +71,7 @@ def _worker(rank: int, port: int, methods: list[str], out_dir: str, kind: str, b
         half = data[0][0].shape[0] // WORLD
         shard = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in data]
         m = graphopt.compile(model, methods=methods, loss_fn=loss_for(kind), example_inputs=(shard[0][0],),
-                             backend=backend, process_group=dist.group.WORLD)
+                             backend=backend, process_group=dist.group.WORLD, on_nonfinite=policy)
         losses = [m.step(x, y).item() for x, y in shard]
         step_graph = m.training_graphs()[0]  # eager backend: the traced training graph itself
         ops = [str(n.target) for n in step_graph.graph.nodes] if backend == "eager" else []
@@ -80,13 +81,18 @@ def _worker(rank: int, port: int, methods: list[str], out_dir: str, kind: str, b
         dist.destroy_process_group()
 
 
-def run_two_ranks(methods: list[str], tmp_path: Path, kind: str = "mlp", backend: str = "eager") -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), methods, str(tmp_path), kind, backend), nprocs=WORLD, join=True)
+def run_two_ranks(methods: list[str], tmp_path: Path, kind: str = "mlp", backend: str = "eager",
+                  policy: str | None = "apply") -> list[dict]:
+    """Both ranks' results; ``policy``: ``on_nonfinite`` (default "apply": each update right after its gradient,
+    the order these tests check; None: graphopt's default)."""
+    mp.spawn(_worker, args=(_free_port(), methods, str(tmp_path), kind, backend, policy), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def single_process(methods: list[str], kind: str = "mlp") -> tuple[dict[str, torch.Tensor], list[float]]:
-    m = graphopt.compile(make_model(100, kind), methods=methods, loss_fn=loss_for(kind), backend="eager")
+def single_process(methods: list[str], kind: str = "mlp",
+                   policy: str | None = "apply") -> tuple[dict[str, torch.Tensor], list[float]]:
+    m = graphopt.compile(make_model(100, kind), methods=methods, loss_fn=loss_for(kind), backend="eager",
+                         on_nonfinite=policy)
     losses = [m.step(x, y).item() for x, y in batches(kind)]
     return {k: v.detach().clone() for k, v in m.graph_module.named_parameters()}, losses
 
@@ -116,6 +122,20 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(methods: list[str
     assert ranks[0]["losses"] != ranks[1]["losses"]  # the ranks really saw different data
 
 
+def test_two_ranks_with_the_default_nonfinite_guard(tmp_path: Path) -> None:
+    """on_nonfinite='raise' (the default): every gradient is reduced before the guarded updates, and the ranks
+    still take the single-process step."""
+    ranks = run_two_ranks(["adamw(lr=1e-2)"], tmp_path, policy=None)
+    expected, _ = single_process(["adamw(lr=1e-2)"], policy=None)
+    for result in ranks:
+        for name, value in expected.items():
+            torch.testing.assert_close(result["params"][name], value, rtol=0, atol=1e-10, msg=name)
+        ops = result["ops"]
+        reduces = [i for i, op in enumerate(ops) if op == "_c10d_functional.all_reduce.default"]
+        assert len(reduces) == len(expected) + 1  # one per parameter, and one for the finiteness flag
+        assert reduces[-2] > max(i for i, op in enumerate(ops) if op == "aten.mm.default")
+
+
 @pytest.mark.slow
 def test_two_ranks_inductor(tmp_path: Path) -> None:
     """The same contract with the step compiled by inductor (functional collectives inside the compiled graph)."""
@@ -129,7 +149,9 @@ def test_two_ranks_inductor(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_gpt2_with_adapter(tmp_path: Path) -> None:
-    """Tiny HF GPT-2 with SoRA on its Conv1D projections, float32: 1e-5 after 10 steps."""
+    """Tiny HF GPT-2 with SoRA on its Conv1D projections, float64: 1e-9 after 10 steps. (In float32 AdamW's first
+    steps magnify the rounding of the two reductions, mean over halves vs over the batch, to ~1e-4 wherever a
+    gradient element is near eps, depending on the adapters' random init: no tolerance fits every init.)"""
     pytest.importorskip("transformers")
     methods = ["sora(r=4, targets=['*.attn.c_attn', '*.mlp.c_fc'])", "adamw(lr=1e-2)"]
     if any(spec.split("(")[0] not in graphopt.list_methods() for spec in methods):
@@ -139,7 +161,7 @@ def test_two_ranks_gpt2_with_adapter(tmp_path: Path) -> None:
     assert any(name.endswith("sora_gate") for name in expected)
     for result in ranks:
         for name, value in expected.items():
-            torch.testing.assert_close(result["params"][name], value, rtol=0, atol=1e-5, msg=name)
+            torch.testing.assert_close(result["params"][name], value, rtol=0, atol=1e-9, msg=name)
     for name in expected:  # the ranks agree with each other exactly (same reduced gradients, same updates)
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
 

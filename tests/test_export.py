@@ -63,7 +63,7 @@ def test_merge_folds_adapter_nodes_and_parameters(install_plugin, mlp, tmp_path)
     m = graphopt.compile(mlp, methods=["scale-inputs(targets=['head', 'encoder.0'], init=1.5)"],
                          example_inputs=(x,), backend="eager").eval()
     with torch.no_grad():
-        for _, param in m.named_parameters():
+        for _, param in m.trainable_parameters().items():
             param.uniform_(0.5, 2.0)  # non-trivial adapter values
     base_count = sum(p.numel() for p in mlp.parameters())
     merged = tmp_path / "merged.onnx"
@@ -79,4 +79,4 @@ def test_merge_folds_adapter_nodes_and_parameters(install_plugin, mlp, tmp_path)
         np.testing.assert_allclose(out, m(x).detach().numpy(), rtol=0, atol=1e-5)
     model = onnx.load(str(merged))
     assert sum(int(np.prod(t.dims)) for t in model.graph.initializer) == base_count
-    assert len(list(m.named_parameters())) == 2  # exporting does not touch the compiled model's adapters
+    assert len(list(m.trainable_parameters().items())) == 2  # exporting does not touch the compiled model's adapters

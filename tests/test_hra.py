@@ -74,7 +74,7 @@ def randomise(m: graphopt.CompiledModel, seed: int = 1) -> dict[str, torch.Tenso
     gen = torch.Generator().manual_seed(seed)
     out = {}
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for name, p in m.trainable_parameters().items():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
             out[name.rpartition(".")[0]] = p.detach().clone()
     return out
@@ -117,18 +117,18 @@ def test_gradcheck_small_shapes() -> None:
 # -- the rewritten model ------------------------------------------------------------------------------
 def test_parameters_names_shapes_and_frozen_base() -> None:
     _, m, _ = make(spec="hra(r=4)")
-    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in m.trainable_parameters().items()}
     assert shapes == {"fc1.hra_u": (6, 4), "proj.hra_u": (10, 4), "head.hra_u": (8, 4)}
     frozen = {n for n, p in m.graph_module.named_parameters() if not p.requires_grad}
     assert {"fc1.weight", "fc1.bias", "proj.weight", "proj.bias", "head.weight", "head.bias"} <= frozen
     # targets select layers by glob; the others keep no adapter
     _, m2, _ = make(spec="hra(r=2, targets=['fc1', 'pro*'])")
-    assert [n for n, _ in m2.named_parameters()] == ["fc1.hra_u", "proj.hra_u"]
+    assert [n for n, _ in m2.trainable_parameters().items()] == ["fc1.hra_u", "proj.hra_u"]
 
 
 def test_identity_at_init_float32() -> None:
     model, m, x = make(torch.float32, spec="hra(r=4)")
-    for _, p in m.named_parameters():
+    for _, p in m.trainable_parameters().items():
         torch.testing.assert_close(p[:, 0::2], p[:, 1::2], atol=0, rtol=0)  # equal adjacent pairs
         assert p.norm(dim=0).min() > 0
     assert (m(x) - model(x)).abs().max().item() <= 1e-6
@@ -147,7 +147,7 @@ def test_output_and_gradients_match_dense_formula_float64(gs: bool) -> None:
     assert (y - y_ref).abs().max().item() <= 1e-10
     (y * probe).sum().backward()
     (y_ref * probe).sum().backward()
-    for name, p in m.named_parameters():
+    for name, p in m.trainable_parameters().items():
         ref = ref_us[name.rpartition(".")[0]].grad
         assert (p.grad - ref).abs().max().item() <= 1e-10 * max(1.0, ref.abs().max().item())
     assert (x_go.grad - x_ref.grad).abs().max().item() <= 1e-10
@@ -163,7 +163,7 @@ def test_output_and_gradients_match_dense_formula_float32() -> None:
     probe = torch.randn(3, 5, 3)
     (y * probe).sum().backward()
     (y_ref * probe.double()).sum().backward()
-    for name, p in m.named_parameters():
+    for name, p in m.trainable_parameters().items():
         ref = ref_us[name.rpartition(".")[0]].grad
         assert (p.grad.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
@@ -191,7 +191,7 @@ def test_training_step_matches_reference(reg_lambda: float) -> None:
         ref_loss, us = _reference_sgd_step(model, us, x, target, 0.05, reg_lambda)
         loss = m.step(x, target)
         assert abs(loss.item() - ref_loss.item()) <= 1e-10
-    for name, p in m.named_parameters():
+    for name, p in m.trainable_parameters().items():
         torch.testing.assert_close(p.detach(), us[name.rpartition(".")[0]], atol=1e-10, rtol=0)
     for name, p in m.graph_module.named_parameters():  # base weights frozen: unchanged by the step
         if not p.requires_grad:
@@ -208,7 +208,7 @@ def test_inductor_step_matches_eager() -> None:
         randomise(m)
         target = torch.randn(3, 5, 3, generator=torch.Generator().manual_seed(3))
         losses = [m.step(x, target).item() for _ in range(2)]
-        runs.append((losses, {n: p.detach().clone() for n, p in m.named_parameters()}))
+        runs.append((losses, {n: p.detach().clone() for n, p in m.trainable_parameters().items()}))
     (loss_e, p_e), (loss_i, p_i) = runs
     assert np.allclose(loss_e, loss_i, atol=1e-5, rtol=0)
     for name in p_e:
@@ -265,7 +265,7 @@ def test_layer_errors() -> None:
                          backend="eager")
     # default targets: only the linear layer of a CNN
     m = graphopt.compile(conv, methods=["hra(r=2)"], example_inputs=(torch.randn(1, 3, 6, 6),), backend="eager")
-    assert [n for n, _ in m.named_parameters()] == ["2.hra_u"]
+    assert [n for n, _ in m.trainable_parameters().items()] == ["2.hra_u"]
     with pytest.raises(graphopt.OptionError, match="listed twice"):
         graphopt.compile(Net(), methods=["hra", "hra(r=2)"])
 
@@ -286,7 +286,7 @@ def test_composes_with_oftv2_on_other_layers() -> None:
         pytest.skip("oftv2 is not registered")
     model, m, x = make(torch.float64, spec="hra(r=4, targets=['fc1', 'proj'])",
                        extra=("oftv2(block_size=4, targets='head')", "sgd(lr=0.05)"))
-    names = [n for n, _ in m.named_parameters()]
+    names = [n for n, _ in m.trainable_parameters().items()]
     assert names == ["fc1.hra_u", "proj.hra_u", "head.oftv2_q"]
     us = randomise(m)  # oftv2_q at zero → identity rotation for head; set hra only
     with torch.no_grad():

@@ -260,10 +260,10 @@ def test_progressive_step_equals_torch_with_blocks_frozen(optimizer: str, refere
         cutoff = method.variant(step) or 0
         cutoffs.append(cutoff)
         frozen = frozen_below(ref, cutoff)
-        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        before = {n: p.detach().clone() for n, p in m.trainable_parameters().items()}
         state_before = {n: {k: v.clone() for k, v in s.items()} for n, s in m.optimizer_state().items()}
         m.step(x, y)
-        after = dict(m.named_parameters())
+        after = m.trainable_parameters()
         for name in frozen:  # bit-identical, and so is their optimizer state
             assert torch.equal(after[name], before[name]), (step, name)
             for slot, value in state_before.get(name, {}).items():
@@ -319,7 +319,7 @@ def test_drop_muon_equals_muon_reference_with_blocks_frozen() -> None:
                 buf = buffers[id(p)].mul_(0.95).add_(p.grad)
                 p.sub_(0.02 * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * newton_schulz_reference(p.grad + 0.95 * buf))
         ref_params = dict(ref.named_parameters())
-        for name, p in m.named_parameters():
+        for name, p in m.trainable_parameters().items():
             torch.testing.assert_close(p, ref_params[name], rtol=0, atol=1e-10, msg=f"step {step} {name}")
 
 
@@ -372,18 +372,18 @@ def test_dropping_steps_equal_torch_with_blocks_removed(schedule: str) -> None:
     for step, (x, y) in enumerate(data(8), start=1):
         dropped = method.variant(step) or frozenset()
         seen.add(dropped)
-        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        before = {n: p.detach().clone() for n, p in m.trainable_parameters().items()}
         state_before = {n: {k: v.clone() for k, v in s.items()} for n, s in m.optimizer_state().items()}
         m.step(x, y)
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(ref(x, skip=dropped), y).backward()
         opt.step()  # torch.optim skips parameters without a gradient: their state stays as it was
         ref_params = dict(ref.named_parameters())
-        for name_, p in m.named_parameters():
+        for name_, p in m.trainable_parameters().items():
             torch.testing.assert_close(p, ref_params[name_], rtol=0, atol=1e-12, msg=f"step {step} {name_}")
         for i in dropped:
             for pname in block_params(f"blocks.{i}", ref.blocks[i]):
-                assert torch.equal(dict(m.named_parameters())[pname], before[pname])
+                assert torch.equal(m.trainable_parameters()[pname], before[pname])
                 for slot, value in state_before.get(pname, {}).items():
                     assert torch.equal(m.optimizer_state()[pname][slot], value)
     assert len(seen) >= 3
@@ -510,7 +510,7 @@ def test_seed_reproducibility_and_state_round_trip() -> None:
         return m
 
     a, b, c = run(1, batches), run(1, batches), run(2, batches)
-    pa, pb, pc = dict(a.named_parameters()), dict(b.named_parameters()), dict(c.named_parameters())
+    pa, pb, pc = a.trainable_parameters(), b.trainable_parameters(), c.trainable_parameters()
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
     assert not all(torch.equal(pa[n], pc[n]) for n in pa)
     assert [schedule_of(a).variant(t) for t in range(1, 30)] != [schedule_of(c).variant(t) for t in range(1, 30)]
@@ -523,7 +523,7 @@ def test_seed_reproducibility_and_state_round_trip() -> None:
     assert resumed.state_dict()["_graphopt.method.layerdrop.seed"] == 1
     for x, y in batches[3:]:
         resumed.step(x, y)
-    pr = dict(resumed.named_parameters())
+    pr = resumed.trainable_parameters()
     assert all(torch.equal(pa[n], pr[n]) for n in pa)
 
 
@@ -534,7 +534,7 @@ def test_progressive_with_inductor_matches_eager() -> None:
     for m in models:
         for x, y in batches:
             m.step(x, y)
-    eager, inductor = (dict(m.named_parameters()) for m in models)
+    eager, inductor = (m.trainable_parameters() for m in models)
     for name in eager:
         torch.testing.assert_close(inductor[name], eager[name], rtol=1e-9, atol=1e-11)
     assert models[1].compile_stats().traces <= 2
@@ -640,14 +640,14 @@ def test_hf_steps_equal_adamw_with_layers_frozen_or_removed(name: str, schedule:
         x, y = rm.batch(4, step)
         variant = method.variant(step)
         variants.append(variant)
-        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        before = {n: p.detach().clone() for n, p in m.trainable_parameters().items()}
         m.step(x, y)
         if schedule == "progressive":
             hf_step_reference(ref, name, x, y, rm.loss_fn, opt, cutoff=variant or 0)
         else:
             hf_step_reference(ref, name, x, y, rm.loss_fn, opt, dropped=variant or frozenset())
         ref_params = dict(ref.named_parameters())
-        after = dict(m.named_parameters())
+        after = m.trainable_parameters()
         assert after.keys() == ref_params.keys()
         for pname, p in after.items():
             torch.testing.assert_close(p, ref_params[pname], rtol=0, atol=1e-12, msg=f"step {step} {pname}")

@@ -60,7 +60,7 @@ def randomise(m: graphopt.CompiledModel, scale: float = 0.3, seed: int = 1) -> d
     gen = torch.Generator().manual_seed(seed)
     values = {}
     with torch.no_grad():
-        for name, param in m.named_parameters():
+        for name, param in m.trainable_parameters().items():
             param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64) * scale)
             values[name.split(".")[0]] = param.detach().clone()
     return values
@@ -77,7 +77,7 @@ def test_output_and_gradient_match_dense_formula(dtype: torch.dtype, tol: float,
     qs = randomise(m)
     y = m(x)
     y.square().sum().backward()
-    grads = {name.split(".")[0]: p.grad for name, p in m.named_parameters()}
+    grads = {name.split(".")[0]: p.grad for name, p in m.trainable_parameters().items()}
 
     leaves = {name: q.to(dtype).requires_grad_() for name, q in qs.items()}
     ref = dense_forward(net, leaves, 4, k, x)
@@ -105,8 +105,8 @@ def test_addmm_layer_matches_dense_formula() -> None:
     net = Conv1D(8, 6)
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     m = graphopt.compile(net, methods=["oftv2(block_size=4, neumann_terms=3)"], example_inputs=(x,), backend="eager")
-    assert [n for n, _ in m.named_parameters()] == ["oftv2_q"]
-    (q,) = m.parameters()
+    assert [n for n, _ in m.trainable_parameters().items()] == ["oftv2_q"]
+    (q,) = m.trainable_parameters().values()
     with torch.no_grad():
         q.normal_(0, 0.3)
     ref = x @ (dense_rotation(q.detach(), 4, 3) @ net.weight) + net.bias
@@ -185,7 +185,7 @@ def test_low_precision_input_computed_in_float32(dtype: torch.dtype) -> None:
     # a whole bf16/fp16 model compiles and runs through the adapter, identity at init
     net = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)).to(dtype)
     m = graphopt.compile(net, methods=["oftv2(block_size=4)"], example_inputs=(x,), backend="eager")
-    assert next(m.parameters()).dtype == dtype
+    assert next(iter(m.trainable_parameters().values())).dtype == dtype
     assert torch.equal(m(x), net(x))
 
 
@@ -205,9 +205,9 @@ def test_identity_at_init_and_parameter_names() -> None:
     net = Nested()
     x = torch.randn(7, 16)
     m = graphopt.compile(net, methods=["oftv2(block_size=8)"], example_inputs=(x,), backend="eager")
-    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in m.trainable_parameters().items()}
     assert shapes == {"encoder.0.oftv2_q": (2, 28), "encoder.2.oftv2_q": (4, 28), "head.oftv2_q": (4, 28)}
-    assert all((p == 0).all() for p in m.parameters())
+    assert all((p == 0).all() for p in m.trainable_parameters().values())
     assert (m(x) - net(x)).abs().max().item() <= 1e-6
     frozen = [n for n, p in m.graph_module.named_parameters() if not p.requires_grad]
     assert sorted(frozen) == sorted(n for n, _ in net.named_parameters())
@@ -218,7 +218,7 @@ def test_targets_select_layers() -> None:
     x = torch.randn(7, 16)
     m = graphopt.compile(Nested(), methods=["oftv2(block_size=16, targets=['encoder.*'])"], example_inputs=(x,),
                          backend="eager")
-    assert {n: tuple(p.shape) for n, p in m.named_parameters()} == {"encoder.0.oftv2_q": (1, 120),
+    assert {n: tuple(p.shape) for n, p in m.trainable_parameters().items()} == {"encoder.0.oftv2_q": (1, 120),
                                                                    "encoder.2.oftv2_q": (2, 120)}
 
 
@@ -237,7 +237,7 @@ def test_sgd_step_matches_dense_gradient_and_user_model_untouched() -> None:
 
     loss = m.step(x, target)
     assert abs(loss.item() - ref_loss.item()) < 1e-12
-    for name, param in m.named_parameters():
+    for name, param in m.trainable_parameters().items():
         key = name.split(".")[0]
         expected = qs[key] - 0.5 * leaves[key].grad
         assert (param - expected).abs().max().item() < 1e-12
@@ -258,7 +258,7 @@ def test_inductor_step_matches_eager_and_trains() -> None:
         m = graphopt.compile(net, methods=["oftv2(block_size=8)", "sgd(lr=1.0, momentum=0.9)"],
                              loss_fn=F.cross_entropy, example_inputs=(x,), backend=backend)
         runs[backend] = ([m.step(x, target).item() for _ in range(30)],
-                         {n: p.detach().clone() for n, p in m.named_parameters()})
+                         {n: p.detach().clone() for n, p in m.trainable_parameters().items()})
     (losses, params), (eager_losses, eager_params) = runs["inductor"], runs["eager"]
     assert np.allclose(losses, eager_losses, atol=1e-5, rtol=1e-5)
     assert params.keys() == eager_params.keys() == {"0.oftv2_q", "2.oftv2_q"}
@@ -336,4 +336,4 @@ def test_errors() -> None:
     # default targets skip the conv and adapt the linear layer
     m = graphopt.compile(conv, methods=["oftv2(block_size=4)"], example_inputs=(torch.randn(1, 3, 6, 6),),
                          backend="eager")
-    assert [n for n, _ in m.named_parameters()] == ["2.oftv2_q"]
+    assert [n for n, _ in m.trainable_parameters().items()] == ["2.oftv2_q"]

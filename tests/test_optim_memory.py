@@ -21,14 +21,14 @@ LAYERS, WIDTH = 8, 512
 GRAD_MIB = WIDTH * WIDTH * 4 / 2**20  # 1 MiB per weight gradient (float32)
 
 
-def peak_above_parameters(spec: str) -> float:
+def peak_above_parameters(spec: str, on_nonfinite: str = "apply") -> float:
     torch.manual_seed(0)
     layers = []
     for _ in range(LAYERS):
         layers += [nn.Linear(WIDTH, WIDTH, bias=False), nn.ReLU()]
     model = nn.Sequential(*layers[:-1])
     x, y = torch.randn(4, WIDTH), torch.randint(0, WIDTH, (4,))
-    m = graphopt.compile(model, methods=[spec], loss_fn=F.cross_entropy, backend="eager")
+    m = graphopt.compile(model, methods=[spec], loss_fn=F.cross_entropy, backend="eager", on_nonfinite=on_nonfinite)
     m.step(x, y)  # builds the graph
     state_mib = sum(v.numel() * v.element_size() for s in m.optimizer_state().values() for v in s.values()) / 2**20
     return peak_memory_mib(lambda: m.step(x, y)) - LAYERS * GRAD_MIB - state_mib
@@ -53,3 +53,9 @@ def test_without_scheduling_or_with_clipping_all_gradients_live(monkeypatch) -> 
     monkeypatch.setattr(graphopt.train.step, "schedule_updates", lambda gm: gm)
     unscheduled = peak_above_parameters("sgd(lr=0.1)")
     assert unscheduled >= (LAYERS - 0.5) * GRAD_MIB
+
+
+def test_guarded_updates_keep_every_gradient_until_all_are_checked() -> None:
+    """on_nonfinite='raise'/'skip' need every gradient to know all are finite: the documented memory cost."""
+    for policy in ("raise", "skip"):
+        assert peak_above_parameters("sgd(lr=0.1)", on_nonfinite=policy) >= (LAYERS - 0.5) * GRAD_MIB

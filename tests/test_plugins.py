@@ -57,7 +57,7 @@ def test_entry_point_plugin_is_discovered(install_plugin, mlp) -> None:
     assert info.plugin == "toy-scale" and info.stage == "forward"
     x = torch.randn(3, 8)
     m = graphopt.compile(mlp, methods=["scale-inputs(targets='head', init=2.0)"], example_inputs=(x,), backend="eager")
-    assert [n for n, _ in m.named_parameters()] == ["head.scale-inputs_scale"]
+    assert [n for n, _ in m.trainable_parameters().items()] == ["head.scale-inputs_scale"]
     hidden = mlp.encoder(x)
     torch.testing.assert_close(m(x), F.linear(2.0 * hidden, mlp.head.weight, mlp.head.bias), rtol=0, atol=1e-6)
 

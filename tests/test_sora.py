@@ -83,7 +83,7 @@ def mlp64(mlp):
 def test_parameters_names_shapes_and_init(mlp) -> None:
     torch.manual_seed(3)
     m = compiled(mlp, "sora(r=4, alpha=8)")
-    params = dict(m.named_parameters())
+    params = m.trainable_parameters()
     assert sorted(params) == sorted(f"{p}.sora_{n}" for p in LAYERS for n in ("A", "B", "gate"))
     for path, (d_in, d_out) in zip(LAYERS, [(8, 16), (16, 16), (16, 4)]):
         A, B, g = (params[f"{path}.sora_{n}"] for n in ("A", "B", "gate"))
@@ -107,7 +107,7 @@ def test_forward_and_gradients_match_plain_gated_lora(mlp64) -> None:
     weights = torch.randn_like(y)
     (y * weights).sum().backward()
     (y_ref * weights).sum().backward()
-    params = dict(m.named_parameters())
+    params = m.trainable_parameters()
     ref_params = dict(ref.named_parameters())
     for path in LAYERS:
         for name, ref_name in (("sora_A", "A"), ("sora_B", "B"), ("sora_gate", "gate")):
@@ -124,7 +124,7 @@ def test_conv1d_addmm_layers_are_adapted() -> None:
     x = torch.randn(4, 6, dtype=torch.float64)
     m = graphopt.compile(net, methods=["sora(r=2, alpha=4)", "sgd(lr=0.1)"], loss_fn=F.cross_entropy,
                          example_inputs=(x,), backend="eager")
-    params = dict(m.named_parameters())
+    params = m.trainable_parameters()
     assert params["0.sora_A"].shape == (2, 6) and params["0.sora_B"].shape == (12, 2)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -163,14 +163,14 @@ def test_proximal_step_is_the_soft_threshold_after_sgd(mlp64) -> None:
     m = compiled(mlp64, f"sora(r=4, alpha=4, sparse_lambda={xi})", f"sgd(lr={lr})")
     randomise(m, seed=1, gates=gates)
     with torch.no_grad():  # small B and A keep the gradient step below the threshold's size
-        for name, p in m.named_parameters():
+        for name, p in m.trainable_parameters().items():
             if not name.endswith("gate"):
                 p.mul_(0.2)
     ref = reference_of(mlp64, m, scale=1.0)
     x, t = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
     expected, _ = _reference_step(ref, x, t, lr, lr * xi)
     m.step(x, t)
-    params = dict(m.named_parameters())
+    params = m.trainable_parameters()
     zeros = 0
     for name, value in params.items():
         torch.testing.assert_close(value.detach(), expected[_ref_name(name)], rtol=0, atol=1e-14)
@@ -193,7 +193,7 @@ def test_zero_gates_stay_zero_unless_the_gradient_step_exceeds_the_threshold(mlp
         randomise(m, seed=2, gates=gates)
         expected, _ = _reference_step(reference_of(mlp64, m, scale=1.0), x, t, lr, lr * xi)
         m.step(x, t)
-        params = dict(m.named_parameters())
+        params = m.trainable_parameters()
         for path, g in gates.items():
             gate = params[f"{path}.sora_gate"].detach()
             was_zero = torch.tensor(g) == 0
@@ -212,7 +212,7 @@ def test_sparsity_grows_with_lambda(mlp) -> None:
         m = compiled(mlp, f"sora(r=6, sparse_lambda={xi})", "sgd(lr=0.1, momentum=0.9)", x=data[0][0])
         randomise(m, seed=5)  # gates of different sizes reach zero at different ξ
         with torch.no_grad():
-            for name, p in m.named_parameters():
+            for name, p in m.trainable_parameters().items():
                 if not name.endswith("gate"):
                     p.mul_(0.3)
         for _ in range(5):
@@ -220,7 +220,7 @@ def test_sparsity_grows_with_lambda(mlp) -> None:
                 m.step(x, t)
         ranks = m.sora_ranks()
         assert set(ranks) == set(LAYERS) and all(r == 6 for _, r in ranks.values())
-        gates = torch.cat([p.detach() for n, p in m.named_parameters() if n.endswith("gate")])
+        gates = torch.cat([p.detach() for n, p in m.trainable_parameters().items() if n.endswith("gate")])
         assert sum(a for a, _ in ranks.values()) == int((gates != 0).sum())
         active.append(sum(a for a, _ in ranks.values()))
     assert active[0] == 18 and active[-1] < active[2] < active[1] < 18, active
@@ -250,7 +250,7 @@ def test_scheduled_lambda_reaches_the_step_graph_without_recompiling(mlp64) -> N
         m.step(x, None)
         gate -= lr * (lo + min((step - 1) / n, 1) * (hi - lo))
         for path in LAYERS:
-            torch.testing.assert_close(dict(m.named_parameters())[f"{path}.sora_gate"].detach(),
+            torch.testing.assert_close(m.trainable_parameters()[f"{path}.sora_gate"].detach(),
                                        torch.full((2,), gate, dtype=torch.float64), rtol=0, atol=1e-14)
     assert m.compile_stats().traces == 1
 
@@ -297,14 +297,14 @@ def test_prune_keeps_outputs_and_shrinks_ranks(mlp, tmp_path) -> None:
     randomise(m, seed=6)
     m.step(x, t)  # creates momentum buffers
     randomise(m, seed=7, gates=PRUNE_GATES)
-    before = dict(m.named_parameters())
+    before = m.trainable_parameters()
     buffers = {n: s["momentum_buffer"].clone() for n, s in m.optimizer_state().items()}
     y_before = m(x).detach()
     y_before64 = copy.deepcopy(m.graph_module).double()(x.double())
     assert m.sora_ranks() == {"encoder.0": (3, 5), "encoder.2": (0, 5), "head": (5, 5)}
 
     assert m.prune() is m  # in place; returns the model for chaining
-    params = dict(m.named_parameters())
+    params = m.trainable_parameters()
     keep = torch.tensor([1, 3, 4])
     assert params["encoder.0.sora_A"].shape == (3, 8) and params["encoder.0.sora_B"].shape == (16, 3)
     assert params["encoder.0.sora_gate"].shape == (3,) and params["head.sora_A"].shape == (5, 16)
@@ -325,14 +325,14 @@ def test_prune_keeps_outputs_and_shrinks_ranks(mlp, tmp_path) -> None:
     assert m.prune() is m and m.sora_ranks()["encoder.0"] == (3, 5)  # nothing left to prune
 
     # a training step after pruning equals SGD with momentum on the pruned factors (formula in the test)
-    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    ref = {n: p.detach().clone() for n, p in m.trainable_parameters().items()}
     ref_buf = {n: s["momentum_buffer"].clone() for n, s in state.items()}
     traces = m.compile_stats().traces
     loss = F.cross_entropy(m(x), t)
-    grads = dict(zip(ref, torch.autograd.grad(loss, list(dict(m.named_parameters()).values()))))
+    grads = dict(zip(ref, torch.autograd.grad(loss, list(m.trainable_parameters().values()))))
     m.step(x, t)
     assert m.compile_stats().traces == traces + 1  # the step graph was rebuilt for the new shapes
-    for name, p in m.named_parameters():
+    for name, p in m.trainable_parameters().items():
         torch.testing.assert_close(p.detach(), ref[name] - 0.05 * (0.9 * ref_buf[name] + grads[name]),
                                    rtol=1e-6, atol=1e-7)
 
@@ -357,7 +357,7 @@ def test_unmerged_export_writes_plain_lora_factors_on_active_ranks(mlp64) -> Non
     m = compiled(mlp64, "sora(r=3, alpha=6)")
     randomise(m, seed=9)
     with torch.no_grad():
-        dict(m.named_parameters())["encoder.0.sora_gate"][1] = 0.0  # one inactive rank, not pruned
+        m.trainable_parameters()["encoder.0.sora_gate"][1] = 0.0  # one inactive rank, not pruned
     params = {n: p.detach().clone() for n, p in m.graph_module.named_parameters()}
     gm = m.export_graph(merge=False)
     exported = dict(gm.named_parameters())
@@ -366,7 +366,7 @@ def test_unmerged_export_writes_plain_lora_factors_on_active_ranks(mlp64) -> Non
     torch.testing.assert_close(exported["encoder.0.sora_A"], 2.0 * g[keep, None] * A[keep], rtol=0, atol=0)
     torch.testing.assert_close(exported["encoder.0.sora_B"], B[:, keep], rtol=0, atol=0)
     assert not [n for n in exported if n.endswith("sora_gate")]
-    assert dict(m.named_parameters())["encoder.0.sora_A"].shape == (3, 8)  # the compiled model is untouched
+    assert m.trainable_parameters()["encoder.0.sora_A"].shape == (3, 8)  # the compiled model is untouched
     x = torch.randn(4, 8, dtype=torch.float64)
     torch.testing.assert_close(gm(x), m.eval()(x), rtol=0, atol=1e-12)
 
@@ -395,7 +395,7 @@ def test_inductor_step_matches_eager(mlp64) -> None:
         randomise(m, seed=9, gates={"encoder.0": [0.02, -0.5, 0.0, 1.0]})
         for _ in range(3):
             m.step(x, t)
-        results.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        results.append({n: p.detach().clone() for n, p in m.trainable_parameters().items()})
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-10, atol=1e-10)
     gates = [n for n in results[0] if n.endswith("gate")]
@@ -478,5 +478,5 @@ def test_digits_sora_matches_lora_with_fewer_ranks() -> None:
         m.prune()
         dims = {"0": (64, 64), "2": (64, 64), "4": (64, 10)}
         expected = sum(a * (dims[path][0] + dims[path][1] + 1) for path, (a, _) in m.sora_ranks().items())
-        assert sum(p.numel() for _, p in m.named_parameters()) == expected
+        assert sum(p.numel() for _, p in m.trainable_parameters().items()) == expected
         assert (m(Xte) - before).abs().max() <= 1e-5

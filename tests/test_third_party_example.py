@@ -41,7 +41,7 @@ def test_ia3_forward_training_and_export(example_plugin, mlp, tmp_path) -> None:
     m = graphopt.compile(model, methods=["ia3(targets='head')", "sgd(lr=0.5)"], loss_fn=F.cross_entropy,
                          example_inputs=(x,), backend="eager")
     torch.testing.assert_close(m(x), reference(x), rtol=0, atol=0)  # identity at init
-    assert [n for n, _ in m.named_parameters()] == ["head.ia3_scale"]
+    assert [n for n, _ in m.trainable_parameters().items()] == ["head.ia3_scale"]
 
     # one step against the formula: y = (h ⊙ l) Wᵀ + b, only l trained
     scale = torch.ones(16, dtype=torch.float64, requires_grad=True)
@@ -49,10 +49,10 @@ def test_ia3_forward_training_and_export(example_plugin, mlp, tmp_path) -> None:
     loss = F.cross_entropy(F.linear(hidden * scale, reference.head.weight, reference.head.bias), y)
     (grad,) = torch.autograd.grad(loss, scale)
     m.step(x, y)
-    torch.testing.assert_close(dict(m.named_parameters())["head.ia3_scale"], scale.detach() - 0.5 * grad,
+    torch.testing.assert_close(m.trainable_parameters()["head.ia3_scale"], scale.detach() - 0.5 * grad,
                                rtol=0, atol=1e-12)
     m.eval()
-    m.graph_module.float()
+    m.float()
     onnx_matches(m, x.float(), tmp_path / "ia3.onnx")
 
 
@@ -64,7 +64,7 @@ def test_vera_output_delta_equals_the_formula(example_plugin, mlp, tmp_path) -> 
     m = graphopt.compile(model, methods=["vera(r=4, targets='encoder.*')", "sgd(lr=0.5)"], loss_fn=F.cross_entropy,
                          example_inputs=(x,), backend="eager")
     torch.testing.assert_close(m(x), reference(x), rtol=0, atol=0)  # λ_b = 0 at init
-    assert sorted(n for n, _ in m.named_parameters()) == [
+    assert sorted(n for n, _ in m.trainable_parameters().items()) == [
         "encoder.0.vera_b", "encoder.0.vera_d", "encoder.2.vera_b", "encoder.2.vera_d"]
     for _ in range(3):
         m.step(x, y)
@@ -79,7 +79,7 @@ def test_vera_output_delta_equals_the_formula(example_plugin, mlp, tmp_path) -> 
     torch.testing.assert_close(m(x), reference.head(hidden), rtol=0, atol=1e-12)
     assert gm.get_parameter("encoder.0.vera_b").abs().sum() > 0  # trained away from zero
     m.eval()
-    m.graph_module.float()
+    m.float()
     onnx_matches(m, x.float(), tmp_path / "vera.onnx")
 
 

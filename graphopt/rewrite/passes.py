@@ -11,6 +11,7 @@ method, its plugin and the phase. Methods work on graphopt's private copy of the
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils import _pytree as pytree
 from graphopt.captured import CapturedModel
 from graphopt.context import MethodContext
 from graphopt.dispatch import APPLY, dispatch, method_error
+from graphopt.errors import OptionError
 from graphopt.method import Method
 from graphopt.plugins import get_plugin_manager
 
@@ -52,7 +54,7 @@ def check_graph(ctx: MethodContext, gm: torch.fx.GraphModule, expected: Any) -> 
         raise method_error(ctx, APPLY, f"produced an invalid graph: {type(err).__name__}: {err}") from err
     try:
         with no_side_effects(gm):
-            output = gm(*ctx.example_inputs)
+            output = gm(*ctx.example_inputs.args, **ctx.example_inputs.kwargs)
     except Exception as err:
         raise method_error(ctx, APPLY, f"produced a graph that does not run: {type(err).__name__}: {err}") from err
     if output_signature(output) != expected:
@@ -60,22 +62,40 @@ def check_graph(ctx: MethodContext, gm: torch.fx.GraphModule, expected: Any) -> 
                                        f"{output_signature(output)[1]}")
 
 
-def apply_methods(captured: CapturedModel, methods: list[Method]) -> None:
+def apply_methods(captured: CapturedModel, methods: list[Method], trainable: tuple[str, ...] = ()) -> None:
     """Apply ``methods`` to ``captured.gm`` in stage order (see the module docstring), recording their
-    contexts and contributions on ``captured``."""
+    contexts and contributions on ``captured``. ``trainable``: module or parameter globs that stay trainable
+    when the base weights are frozen (PEFT's ``modules_to_save``)."""
     gm = captured.gm
     with no_side_effects(gm):
-        expected = output_signature(gm(*captured.example_inputs))
+        expected = output_signature(gm(*captured.example.args, **captured.example.kwargs))
     for method in methods:
         if method.stage == "forward":
             _apply(captured, method, expected)
+    keep = kept_trainable(gm, trainable)
     if captured.contributions.parameters:
         for name, param in gm.named_parameters():
-            if name not in captured.contributions.parameters:
+            if name not in captured.contributions.parameters and name not in keep:
                 param.requires_grad_(False)
     for method in methods:
         if method.stage == "training":
             _apply(captured, method, expected)
+
+
+def kept_trainable(gm: torch.fx.GraphModule, globs: tuple[str, ...]) -> set[str]:
+    """The parameters ``globs`` name, directly or through a module (or ancestor) path; a glob that names
+    nothing is an ``OptionError`` listing the modules."""
+    names = [n for n, _ in gm.named_parameters()]
+    kept: set[str] = set()
+    for glob in globs:
+        matched = {n for n in names if fnmatch.fnmatchcase(n, glob) or any(
+            fnmatch.fnmatchcase(".".join(n.split(".")[:i]), glob) for i in range(1, n.count(".") + 1))}
+        if not matched:
+            modules = sorted({n.rpartition(".")[0] for n in names} - {""})
+            raise OptionError(f"trainable={glob!r} matches no parameter or module; modules: "
+                              f"{', '.join(modules[:20])}{', ...' if len(modules) > 20 else ''}")
+        kept |= matched
+    return kept
 
 
 def _apply(captured: CapturedModel, method: Method, expected: Any) -> None:

@@ -5,9 +5,13 @@ adapters as ``encoder.0.hra_u``), then graphopt's entries under ``_graphopt.``:
 
 | key | value |
 |---|---|
-| ``_graphopt.step`` | training steps done (int) |
+| ``_graphopt.step`` | optimizer steps done (int) |
+| ``_graphopt.micro`` / ``_graphopt.skipped`` | micro-batches accumulated since the last step / steps skipped (int) |
 | ``_graphopt.lr`` | the learning rate of the next step (float, or None without an optimizer) |
 | ``_graphopt.optim.<param>.<slot>`` | the optimizer's state of ``<param>`` (e.g. ``momentum_buffer``) |
+| ``_graphopt.accum.<param>`` | ``<param>``'s gradient accumulation buffer |
+| ``_graphopt.scaler.<key>`` | the loss scale and its growth counter (16-mixed) |
+| ``_graphopt.rng.<device>`` | the step generator's state on ``<device>`` (``cpu``, ``cuda:0``) |
 | ``_graphopt.method.<method>.<key>`` | a method's own state (e.g. a schedule's seed) |
 
 :func:`read_checkpoint` checks a state dict against the model completely before anything is changed, and
@@ -26,19 +30,22 @@ from graphopt.errors import CheckpointError
 from graphopt.train.state import TrainState
 
 PREFIX = "_graphopt."
-STEP, LR = PREFIX + "step", PREFIX + "lr"
-OPTIM, METHOD = PREFIX + "optim.", PREFIX + "method."
+STEP, MICRO, SKIPPED, LR = PREFIX + "step", PREFIX + "micro", PREFIX + "skipped", PREFIX + "lr"
+OPTIM, ACCUM, SCALER, RNG, METHOD = (PREFIX + k for k in ("optim.", "accum.", "scaler.", "rng.", "method."))
+COUNTERS = (STEP, MICRO, SKIPPED)
 
 
 def build_state_dict(module: torch.nn.Module, train: TrainState,
                      method_states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The flat state dict of the table above (tensors cloned: later steps do not change it)."""
     state: dict[str, Any] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    state[STEP] = train.step
-    state[LR] = train.lr
+    state[STEP], state[MICRO], state[SKIPPED], state[LR] = train.step, train.micro, train.skipped, train.lr
     for name, slots in train.slots.items():
         for slot, value in slots.items():
             state[f"{OPTIM}{name}.{slot}"] = value.detach().clone()
+    for prefix, values in ((ACCUM, train.accum), (SCALER, train.scaler), (RNG, train.rng)):
+        for key, value in values.items():
+            state[prefix + key] = value.detach().clone()
     for method, values in method_states.items():
         for key, value in values.items():
             state[f"{METHOD}{method}.{key}"] = value
@@ -50,9 +57,12 @@ class Checkpoint:
     """A state dict split into its parts, checked against one compiled model."""
 
     module: dict[str, torch.Tensor]
-    step: int
+    counters: dict[str, int]
     lr: float | None
     slots: dict[str, dict[str, torch.Tensor]]
+    accum: dict[str, torch.Tensor]
+    scaler: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
     methods: dict[str, dict[str, Any]]
 
 
@@ -76,8 +86,14 @@ def read_checkpoint(state: Mapping[str, Any], module: torch.nn.Module, lr: float
     params = [n for n, _ in module.named_parameters()]
     slots: dict[str, dict[str, torch.Tensor]] = {}
     methods: dict[str, dict[str, Any]] = {}
+    extras: dict[str, dict[str, torch.Tensor]] = {ACCUM: {}, SCALER: {}, RNG: {}}
     for key, value in state.items():
-        if key.startswith(OPTIM):
+        prefix = next((p for p in extras if key.startswith(p)), None)
+        if prefix is not None:
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"state_dict entry {key!r} must be a tensor, got {type(value).__name__}")
+            extras[prefix][key[len(prefix):]] = value
+        elif key.startswith(OPTIM):
             rest = key[len(OPTIM):]
             name = max((p for p in params if rest.startswith(p + ".")), key=len, default=None)
             if name is None:
@@ -90,20 +106,30 @@ def read_checkpoint(state: Mapping[str, Any], module: torch.nn.Module, lr: float
                 raise CheckpointError(f"state_dict holds state of method {method!r} ({key!r}), which this model "
                                       f"has no state for; its methods with state: {known}")
             methods.setdefault(method, {})[sub] = value
-        elif key not in (STEP, LR) and key.startswith(PREFIX):
+        elif key not in (*COUNTERS, LR) and key.startswith(PREFIX):
             raise CheckpointError(f"state_dict entry {key!r} is not part of graphopt's format")
-    step = state.get(STEP, 0)
-    if isinstance(step, torch.Tensor):
-        step = step.item()
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"state_dict entry {STEP!r} must be a step count >= 0, got {step!r}")
-    return Checkpoint({k: v for k, v in tensors.items()}, step, state.get(LR, lr), slots, methods)
+    counters = {}
+    for key in COUNTERS:
+        count = state.get(key, 0)
+        if isinstance(count, torch.Tensor):
+            count = count.item()
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise CheckpointError(f"state_dict entry {key!r} must be a count >= 0, got {count!r}")
+        counters[key] = count
+    unknown = [n for n in extras[ACCUM] if n not in params]
+    if unknown:
+        raise CheckpointError(f"gradient accumulation state {ACCUM + unknown[0]!r} names no parameter of this model")
+    return Checkpoint(dict(tensors), counters, state.get(LR, lr), slots, extras[ACCUM], extras[SCALER], extras[RNG],
+                      methods)
 
 
 def apply_checkpoint(checkpoint: Checkpoint, module: torch.nn.Module, train: TrainState) -> None:
     """Copy a checked ``checkpoint`` into ``module`` and ``train`` (method state is loaded by the caller)."""
     with torch.no_grad():
         module.load_state_dict(checkpoint.module, strict=True)
-    train.step = checkpoint.step
+    train.step, train.micro, train.skipped = (checkpoint.counters[k] for k in COUNTERS)
     train.lr = checkpoint.lr
     train.slots = {n: {k: v.detach().clone() for k, v in s.items()} for n, s in checkpoint.slots.items()}
+    train.accum = {k: v.detach().clone() for k, v in checkpoint.accum.items()}
+    train.scaler = {k: v.detach().clone() for k, v in checkpoint.scaler.items()}
+    train.rng = {k: v.detach().clone() for k, v in checkpoint.rng.items()}

@@ -1,120 +1,71 @@
-"""The training step as one captured graph: forward, loss, backward and the fused parameter update.
+"""The training step as one captured, compiled graph: forward, loss, backward and the fused update.
 
-``build_step_function`` writes the step as a plain function of (trainable params, frozen params,
-buffers, optimizer state, hyperparameters, inputs, target); ``make_fx`` traces it with fake tensors
-into one aten-level FX graph (the *training graph*), in which each optimizer update is an in-place
-op on the parameter, scheduled right after its gradient exists (:mod:`graphopt.train.schedule`). It is
-compiled with ``torch.compile`` (``backend="eager"`` runs the traced graph as is).
+:class:`TrainingStep` runs ``m.step``: it picks the step's graph variant (the methods' step variants, and
+for gradient accumulation whether this micro-batch updates), builds the step function
+(:mod:`graphopt.train.step_function`) for a variant it has not cached, traces it with dynamic input dims
+(:mod:`graphopt.train.tracing`), moves each update right after its gradient (:mod:`graphopt.train.schedule`)
+and compiles it. One compiled graph is cached per (variant, input signature, parameter layout): every batch
+size of a dynamic dim shares it. The step runs on its own random-number generator (``TrainState.step_rng``).
 
-What the methods contributed enters here: the optimizer's update rule, loss terms, post-update rules,
-hyperparameters and step variants (see :mod:`graphopt.context`), each called through the dispatcher.
-One compiled graph is cached per (step variant, input shapes, parameter layout); a variant's graph is
-built only when it is not cached.
+``on_nonfinite``: ``"apply"`` updates whatever the numbers; ``"skip"`` leaves parameters and optimizer state
+bit-identical when the loss or a gradient is not finite, counts the step in ``skipped`` and logs a warning;
+``"raise"`` does the same and raises ``StepError``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.traceback import annotate, preserve_node_meta
 from torch.utils import _pytree as pytree
 
 from graphopt.captured import CapturedModel
-from graphopt.contributions import Contributions
 from graphopt.dispatch import STEP, dispatch
-from graphopt.errors import OptionError
-from graphopt.rewrite.meta import update_annotation
+from graphopt.errors import OptionError, StepError
+from graphopt.inputs import CallInputs, Dims
+from graphopt.progress import logger, stage
+from graphopt.rewrite.blocks import find_blocks
+from graphopt.train.checkpointing import checkpoint_blocks
 from graphopt.train.schedule import schedule_updates
+from graphopt.train.step_function import GradReduce, StepOptions, build_step_function, scaler_state
+from graphopt.train.tracing import compile_graph, mark_dynamic, target_dims, trace_step
 
-GradReduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def build_step_function(gm: torch.fx.GraphModule, loss_fn: Callable[..., torch.Tensor],
-                        contributions: Contributions, reduce_grad: GradReduce | None = None
-                        ) -> Callable[..., torch.Tensor]:
-    """The training step as a function; the nodes of each parameter's update are tagged with its name.
-
-    ``reduce_grad`` (data parallel, see ``graphopt.distributed``) maps each gradient to the one the update
-    uses (the mean over ranks); it runs inside the parameter's update group, or on every gradient before
-    the norm when ``max_grad_norm`` clips.
-    """
-    opt_ctx, optimizer = contributions.optimizer
-
-    def step(params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-             state: dict[str, dict[str, torch.Tensor]], hyper: dict[str, torch.Tensor],
-             inputs: tuple[Any, ...], target: Any) -> torch.Tensor:
-        with torch.enable_grad():
-            output = torch.func.functional_call(gm, {**params, **frozen, **buffers}, inputs)
-            loss = loss_fn(output, target)
-            for entry in contributions.loss_terms:
-                term = dispatch(entry.ctx, STEP, "loss term", entry.fn, params, hyper)
-                if term is not None:
-                    loss = loss + term
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        with torch.no_grad():
-            clip = None
-            reduce_each = reduce_grad is not None and optimizer.max_grad_norm is None
-            if reduce_grad is not None and not reduce_each:  # the clipping norm is that of the reduced gradients
-                grads = [None if g is None else reduce_grad(g) for g in grads]
-            if optimizer.max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_; needs every gradient
-                norms = [torch.linalg.vector_norm(g) for g in grads if g is not None]
-                total = torch.linalg.vector_norm(torch.stack(norms)) if norms else loss.new_zeros(())
-                clip = torch.clamp(optimizer.max_grad_norm / (total + 1e-6), max=1.0)
-            for (name, param), grad in zip(params.items(), grads):
-                with annotate(update_annotation(name)):
-                    if grad is None:
-                        grad = torch.zeros_like(param)
-                    elif reduce_each:
-                        grad = reduce_grad(grad)
-                    if clip is not None:
-                        grad = grad * clip.to(grad.dtype)
-                    dispatch(opt_ctx, STEP, f"update of {name!r}", optimizer.step_parameter,
-                             name, param, grad, state[name], hyper)
-                    for entry in contributions.post_updates:
-                        if name in entry.params:
-                            dispatch(entry.ctx, STEP, f"post-update rule of {name!r}", entry.fn, param, hyper)
-        return loss.detach()
-
-    return step
+NONFINITE = ("skip", "raise", "apply")
 
 
 class _Compiled(NamedTuple):
-    """A cached step: the callable that runs it, the traced graph it came from, the parameters it trains."""
+    """A cached step: what runs it, the traced graph, the parameters it trains, the target's dynamic dims."""
 
-    run: Callable[..., torch.Tensor]
+    run: Callable[..., Any]
     traced: torch.fx.GraphModule
     trained: frozenset[str]
-
-
-def _signature(tree: Any) -> Hashable:
-    leaves, spec = pytree.tree_flatten(tree)
-    return str(spec), tuple(
-        (tuple(x.shape), x.dtype, x.device, x.requires_grad) if isinstance(x, torch.Tensor) else repr(x)
-        for x in leaves
-    )
+    target_dynamic: tuple[int, ...]
 
 
 class TrainingStep:
     """Builds, caches and runs the compiled training step of one captured model.
 
-    Compiled steps are cached per (step variant, input shapes, parameter layout), at most
-    ``max_cached_graphs`` of them (least recently used dropped first: an evicted variant is built, traced
-    and compiled again when it returns). ``traces`` counts the traces made.
+    At most ``max_cached_graphs`` compiled steps are kept (least recently used dropped first: an evicted
+    variant is built, traced and compiled again when it returns). ``traces`` counts the traces made.
     """
 
     max_cached_graphs: int = 64
 
     def __init__(self, captured: CapturedModel, loss_fn: Callable[..., torch.Tensor] | None, backend: str,
-                 reduce_grad: GradReduce | None = None) -> None:
+                 options: StepOptions, on_nonfinite: str, reduce_grad: GradReduce | None = None,
+                 checkpoint: bool | tuple[str, ...] | None = None) -> None:
         self.captured = captured
+        self.checkpoint = checkpoint
         self.loss_fn = loss_fn
         self.backend = backend
+        self.options = options
+        self.on_nonfinite = on_nonfinite
         self.reduce_grad = reduce_grad
         self.traces = 0
+        self._specialised: set[tuple[Any, int]] = set()  # dynamic dims the step's code made static
         self._cache: OrderedDict[Hashable, _Compiled] = OrderedDict()
 
     def invalidate(self) -> None:
@@ -137,57 +88,91 @@ class TrainingStep:
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
 
     def ensure_state(self, trainable: dict[str, torch.nn.Parameter]) -> None:
-        """Create the optimizer state of every trainable parameter that has none yet."""
+        """Create the optimizer state (and accumulation buffers, loss scale) that does not exist yet."""
         opt_ctx, optimizer = self.captured.contributions.optimizer
-        slots = self.captured.train_state.slots
+        train = self.captured.train_state
         for name, param in trainable.items():
-            if name not in slots:
-                slots[name] = dispatch(opt_ctx, STEP, f"state of {name!r}", optimizer.state_for, name, param.detach())
+            if name not in train.slots:
+                train.slots[name] = dispatch(opt_ctx, STEP, f"state of {name!r}", optimizer.state_for, name,
+                                             param.detach())
+            if self.options.accumulation_steps > 1 and name not in train.accum:
+                train.accum[name] = torch.zeros_like(param, memory_format=torch.preserve_format).detach()
+        if self.options.scaled and not train.scaler:
+            train.scaler = scaler_state()
 
-    def __call__(self, inputs: tuple[Any, ...], target: Any) -> torch.Tensor:
-        contributions, train = self.captured.contributions, self.captured.train_state
-        if contributions.optimizer is None:
+    def __call__(self, inputs: CallInputs, target: Any) -> torch.Tensor:
+        captured, train = self.captured, self.captured.train_state
+        if captured.contributions.optimizer is None:
             raise OptionError('`.step` needs an optimizer method, e.g. methods=[..., "sgd(lr=0.1)"]')
-        if self.loss_fn is None:
-            raise OptionError(
-                "`.step` needs a loss: graphopt.compile(model, ..., loss_fn=torch.nn.functional.cross_entropy)"
-            )
+        accumulating = train.micro + 1 < self.options.accumulation_steps
         step = train.step + 1
         lr = train.lr_for(step)
-        variant = tuple((e.ctx.method.name, v) for e in contributions.step_variants
+        variant = tuple((e.ctx.method.name, v) for e in captured.contributions.step_variants
                         if (v := dispatch(e.ctx, STEP, "step variant choice", e.choose, step)) is not None)
-        gm = self.captured.gm
+        gm = captured.gm
         named = dict(gm.named_parameters())
         trainable = {n: p for n, p in named.items() if p.requires_grad}
         self.ensure_state(trainable)
         hyper = self.hyperparameters(step, lr)
         buffers = dict(gm.named_buffers())
-        key = (variant, _signature((inputs, target)), _signature((named, buffers)))
+        dims = self._dims()
+        key = (variant, accumulating, torch.is_autocast_enabled(self.options.device_type),
+               _signature(inputs, dims), _signature(target, {0: target_dims(target, inputs, dims)}),
+               _signature((named, buffers), {}))
         cached = self._cache.pop(key, None)
         if cached is None:
-            variant_gm, skipped = self._variant_graph(variant)
-            trained = frozenset(n for n in trainable if n not in skipped)
-            args = self._arguments(named, trained, buffers, hyper, inputs, target)
-            traced = self._trace(variant_gm, args)
-            cached = _Compiled(self._compile(traced), traced, trained)
+            cached = self._build(variant, accumulating, named, trainable, buffers, hyper, inputs, target)
         self._cache[key] = cached  # most recently used last; the least recently used beyond the bound go
         while len(self._cache) > self.max_cached_graphs:
             self._cache.popitem(last=False)
-        with torch.no_grad():
-            loss = cached.run(*self._arguments(named, cached.trained, buffers, hyper, inputs, target))
-        train.step, train.lr = step, lr
+        if self.backend != "eager":
+            mark_dynamic(inputs, dims, target, cached.target_dynamic)
+        args = self._arguments(named, cached.trained, buffers, hyper, inputs, target)
+        with torch.no_grad(), train.step_rng(_devices(named, inputs)):
+            loss, ok, _ = cached.run(*args)
+        if ok is not None and not bool(ok):
+            return self._nonfinite(loss, step)
+        if accumulating:
+            train.micro += 1
+        else:
+            train.step, train.lr, train.micro = step, lr, 0
         return loss
 
+    def _nonfinite(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        train = self.captured.train_state
+        train.skipped += 1
+        what = f"step {step}: the loss ({float(loss):g}) or a gradient is not finite; nothing was updated"
+        if self.on_nonfinite == "raise":
+            raise StepError(f"{what} (on_nonfinite='raise'; use on_nonfinite='skip' to go on without the batch)")
+        logger.warning("%s (skipped, %d so far)", what, train.skipped)
+        return loss
+
+    def checkpoint_paths(self, gm: torch.fx.GraphModule) -> tuple[str, ...]:
+        """The residual blocks of ``gm`` whose activations are recomputed (``checkpoint_blocks``)."""
+        if not self.checkpoint:
+            return ()
+        globs = None if self.checkpoint is True else list(self.checkpoint)
+        return tuple(block.path for block in find_blocks(gm, globs, "checkpoint_blocks"))
+
+    def _dims(self) -> Dims:
+        dims = {k: tuple(d for d in v if (k, d) not in self._specialised) for k, v in self.captured.dims.items()}
+        return {k: v for k, v in dims.items() if v}
+
     def _arguments(self, named: dict[str, torch.nn.Parameter], trained: frozenset[str],
-                   buffers: dict[str, torch.Tensor], hyper: dict[str, torch.Tensor], inputs: tuple[Any, ...],
+                   buffers: dict[str, torch.Tensor], hyper: dict[str, torch.Tensor], inputs: CallInputs,
                    target: Any) -> tuple[Any, ...]:
+        train = self.captured.train_state
         params = {n: p for n, p in named.items() if n in trained}
         frozen = {n: p for n, p in named.items() if n not in trained}
-        slots = self.captured.train_state.slots
-        return params, frozen, buffers, {n: slots[n] for n in params}, hyper, tuple(inputs), target
+        accum = {n: train.accum[n] for n in params} if self.options.accumulation_steps > 1 else {}
+        return (params, frozen, buffers, {n: train.slots[n] for n in params}, accum, train.scaler, hyper,
+                inputs.args, inputs.kwargs, target)
 
     # -- building ------------------------------------------------------------------------------------
-    def _variant_graph(self, variant: tuple[tuple[str, Hashable], ...]) -> tuple[torch.fx.GraphModule, set[str]]:
+    def _build(self, variant: tuple[tuple[str, Hashable], ...], accumulating: bool,
+               named: dict[str, torch.nn.Parameter], trainable: dict[str, torch.nn.Parameter],
+               buffers: dict[str, torch.Tensor], hyper: dict[str, torch.Tensor], inputs: CallInputs,
+               target: Any) -> _Compiled:
         gm, skipped = self.captured.gm, set()
         chosen = dict(variant)
         for entry in self.captured.contributions.step_variants:
@@ -195,19 +180,46 @@ class TrainingStep:
             if name in chosen:
                 gm, skip = dispatch(entry.ctx, STEP, f"variant graph {chosen[name]!r}", entry.build, gm, chosen[name])
                 skipped |= set(skip)
-        return gm, skipped
-
-    def _trace(self, gm: torch.fx.GraphModule, args: tuple[Any, ...]) -> torch.fx.GraphModule:
-        step_fn = build_step_function(gm, self.loss_fn, self.captured.contributions, self.reduce_grad)
-        with preserve_node_meta():
-            traced = make_fx(step_fn, tracing_mode="fake")(*args)
+        trained = frozenset(n for n in trainable if n not in skipped)
+        blocks = self.checkpoint_paths(gm)
+        options = replace(self.options, kind="accumulate" if accumulating else "update", checkpoint=blocks)
+        step_fn = build_step_function(gm, self.loss_fn, self.captured.contributions, options, self.reduce_grad)
+        args = self._arguments(named, trained, buffers, hyper, inputs, target)
+        what = f"training step {variant or 'full graph'}{' (accumulate)' if accumulating else ''}"
+        dims = self._dims()
+        with stage(f"{what}: traced"):
+            trace = trace_step(step_fn, args[:7], inputs, dims, target)
         self.traces += 1
-        traced = schedule_updates(traced)  # each update right after its gradient (see graphopt.train.schedule)
+        self._specialised |= trace.specialised
+        traced = trace.graph
+        if blocks:
+            recomputed = checkpoint_blocks(traced, blocks)
+            logger.info("%s: %d blocks checkpointed (%d values recomputed in the backward)", what, len(blocks),
+                        recomputed)
+        traced = schedule_updates(traced)  # each update right after its gradient (graphopt.train.schedule)
         traced.graph.lint()
         traced.recompile()
-        return traced
+        return _Compiled(compile_graph(traced, self.backend, what, self.captured.count_compile), traced, trained,
+                         target_dims(target, inputs, self._dims()))
 
-    def _compile(self, traced: torch.fx.GraphModule) -> Callable[..., torch.Tensor]:
-        if self.backend == "eager":
-            return traced
-        return torch.compile(traced, backend=self.backend, fullgraph=True, dynamic=False)
+
+def _signature(tree: Any, dims: dict[Any, tuple[int, ...]]) -> Hashable:
+    """Structure, dtypes, devices and shapes of ``tree``'s tensors, dynamic dims of ``CallInputs`` left out."""
+    if isinstance(tree, CallInputs):
+        parts = [(key, _leaf(value, dims.get(key, ()))) for key, value in tree.items()]
+        return tree.signature(), tuple(parts)
+    leaves, spec = pytree.tree_flatten(tree)
+    return str(spec), tuple(_leaf(x, dims.get(0, ()) if len(leaves) == 1 else ()) for x in leaves)
+
+
+def _leaf(value: Any, dynamic: tuple[int, ...]) -> Hashable:
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    shape = tuple(None if d in dynamic else n for d, n in enumerate(value.shape))
+    return shape, value.dtype, value.device, value.requires_grad
+
+
+def _devices(named: dict[str, torch.nn.Parameter], inputs: CallInputs) -> set[torch.device]:
+    tensors = [*named.values(), *(v for _, v in inputs.items() if isinstance(v, torch.Tensor))]
+    return {t.device for t in tensors}
+
