@@ -1,5 +1,8 @@
 """Bench cases of the fused optimizers: an MLP 4×Linear(1024, 1024) (ReLU between), batch 64, cross-entropy.
 
+The Muon family (``optim: normuon`` … ``optim: root``) times each fused step against its own eager
+``torch.optim`` reference (``eager_family``, the test's formula), default options.
+
 Each case times the variants side by side (``graphopt.bench.time_steps``, interleaved medians) and
 measures the peak tensor memory of one step (``graphopt.bench.peak_memory_mib``: parameters, optimizer
 state, gradients and activations alive at once). Eager baselines: torch.optim with ``fused=True`` and
@@ -21,6 +24,8 @@ from torch import nn
 
 import graphopt
 from graphopt.bench import peak_memory_mib, ratios, time_steps
+
+from .eager_family import EAGER
 
 WIDTH, DEPTH, BATCH = 1024, 4, 64
 
@@ -216,3 +221,44 @@ def bench_muon(quick: bool) -> dict[str, Any]:
     }
     return with_targets(measure(variants, "eager_muon", quick), "eager_muon", "eager_in_backward")
 
+
+
+# -- the Muon family: each fused step against its own eager reference -------------------------------------------
+def bench_family(name: str, quick: bool) -> dict[str, Any]:
+    """``name``'s graphopt step (inductor, and the eager graph) against its eager ``torch.optim`` reference
+    (``benchmarks.eager_family``: the formula of the test's reference), default options, side by side."""
+    x, y = make_data()
+    eager = make_model()
+    variants = {
+        "eager_reference": eager_step(eager, EAGER[name](eager.parameters()), x, y),
+        "graphopt_inductor": GraphoptStep(name, "inductor", x, y),
+        "graphopt_eager": GraphoptStep(name, "eager", x, y),
+    }
+    result = measure(variants, "eager_reference", quick)
+    times = result["ms_per_step"]
+    result["target_time_le_0.8x_eager_reference"] = times["graphopt_inductor"] <= 0.8 * times["eager_reference"]
+    return result
+
+
+def bench_normuon(quick: bool) -> dict[str, Any]:
+    return bench_family("normuon", quick)
+
+
+def bench_adamuon(quick: bool) -> dict[str, Any]:
+    return bench_family("adamuon", quick)
+
+
+def bench_adago(quick: bool) -> dict[str, Any]:
+    return bench_family("adago", quick)
+
+
+def bench_auon(quick: bool) -> dict[str, Any]:
+    return bench_family("auon", quick)
+
+
+def bench_turbo_muon(quick: bool) -> dict[str, Any]:
+    return bench_family("turbo_muon", quick)
+
+
+def bench_root(quick: bool) -> dict[str, Any]:
+    return bench_family("root", quick)

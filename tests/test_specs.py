@@ -55,7 +55,7 @@ def test_tuple_form_and_int_for_float() -> None:
 
 
 def test_unknown_method_lists_close_names() -> None:
-    with pytest.raises(graphopt.OptionError, match=r"unknown method 'sdg'; did you mean 'sgd'\?.*graphopt methods"):
+    with pytest.raises(graphopt.OptionError, match=r"unknown method 'sdg'; did you mean 'sgd'[,?].*graphopt methods"):
         graphopt.compile(methods=["sdg(lr=0.1)"])
 
 

@@ -15,8 +15,9 @@ Every other parameter (biases, norm weights) takes an AdamW step with lr ``adamw
 eps 1e-8, no weight decay (``graphopt.optim.adam_step``). ``m.set_lr`` / a schedule scale both lrs alike:
 the AdamW lr is ``current_lr · adamw_lr / lr``. The weight decay is decoupled (as in AdamW); it is 0 by default.
 
-Other optimizers that orthogonalise per-matrix updates (layer-drop's Drop-Muon) build on
-:func:`graphopt.optim.functional.newton_schulz` and :class:`Muon`.
+Other optimizers that orthogonalise per-matrix updates build on :func:`graphopt.optim.functional.newton_schulz`
+and :class:`Muon` (layer-drop's Drop-Muon, ``turbo_muon``) or :class:`graphopt.optim.matrix.MatrixOptimizer`
+(``normuon``, ``adamuon``, ``adago``, ``auon``, ``root``); docs/methods/optimizers.md compares them.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import torch
 
 import graphopt
 from graphopt.optim.functional import adam_state, adam_step, newton_schulz
-
-ADAMW_BETAS = (0.9, 0.95)
-ADAMW_EPS = 1e-8
+from graphopt.optim.matrix import ADAMW_BETAS, ADAMW_EPS
 
 
 def uses_muon(param: torch.Tensor) -> bool:

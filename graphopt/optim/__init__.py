@@ -7,7 +7,8 @@ part of the training graph, is scheduled right after that parameter's gradient e
 (:mod:`graphopt.train.schedule`) and compiles with the rest of the step. Hyperparameters arrive as 0-d
 float64 tensors in ``hyper`` (``hyper["lr"]``, ``hyper["step"]`` = the 1-based step number), so changing
 them (``m.set_lr``, ``m.set_lr_schedule``) never recompiles. Shared update rules (AdamW's step,
-Newton–Schulz) are in :mod:`graphopt.optim.functional`.
+Newton–Schulz and its variants) are in :mod:`graphopt.optim.functional`; the Muon family's frame (a matrix
+rule for ≥2-D weights, AdamW for the rest) is :class:`graphopt.optim.matrix.MatrixOptimizer`.
 
 Every optimizer gets two options from this base class without declaring them:
 

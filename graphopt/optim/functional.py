@@ -1,10 +1,13 @@
-"""Functional building blocks of optimizer rules, traced into the training step: AdamW's step and
-Muon's Newton–Schulz orthogonalisation. Optimizers built on them: ``adamw``, ``muon`` (and its AdamW part).
+"""Functional building blocks of optimizer rules, traced into the training step: AdamW's step and the
+Newton–Schulz orthogonalisation shared by the Muon family (Muon's fixed quintic, per-iteration coefficient
+schedules, Turbo-Muon's AOL preconditioning, ROOT's shape-specific coefficients). Optimizers built on them:
+``adamw``, ``muon``, ``normuon``, ``adamuon``, ``adago``, ``auon``, ``turbo_muon``, ``root`` (and their AdamW part).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -56,23 +59,88 @@ def adam_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
             "exp_avg_sq": torch.zeros_like(param)}
 
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+Coefficients = tuple[float, float, float]
+
+NS_COEFFICIENTS: Coefficients = (3.4445, -4.7750, 2.0315)
+"""Muon's quintic (Jordan et al. 2024), used for every iteration."""
+
+TURBO_SCHEDULE: tuple[Coefficients, ...] = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+"""The five-iteration coefficient schedule of the Turbo-Muon authors' reference implementation (Boissin et al.
+2025); Turbo-Muon runs its last ``ns_steps`` entries after the AOL preconditioning, i.e. it drops the first."""
+
+ROOT_COEFFICIENTS: dict[tuple[int, int], Coefficients] = {
+    (2048, 2048): (3.4916, -4.8224, 2.1095),
+    (2048, 3072): (3.4509, -4.5790, 1.9325),
+    (2048, 8192): (2.9794, -3.6674, 1.6207),
+    (2048, 16384): (3.1943, -3.8221, 1.5322),
+}
+"""ROOT's shape-specific quintic coefficients (He et al. 2025, the authors' release), keyed by
+``(min(rows, cols), max(rows, cols))``."""
+
+AOL_EPS = 1e-6
 
 
-def newton_schulz(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise a 2-D ``update`` (the quintic Newton–Schulz iteration of Muon).
+def scale_to_rms(x: torch.Tensor, rms: float) -> torch.Tensor:
+    """``x · rms·√(mn)/‖x‖_F`` in place: the RMS alignment of AdaMuon and NorMuon (``rms = 0.2``, Adam's
+    typical update RMS), so the update's root-mean-square entry is ``rms`` (a zero ``x`` stays zero)."""
+    norm = torch.linalg.matrix_norm(x).clamp_min(torch.finfo(x.dtype).tiny)
+    return x.mul_(rms * x.numel() ** 0.5 / norm)
 
-    ``X ← N/‖N‖_F`` (a zero matrix stays zero), transposed when rows > cols so that ``X Xᵀ`` is the
-    small Gram matrix; ``steps``× ``A = X Xᵀ; X ← aX + (bA + cA²)X``; transposed back.
+
+def root_coefficients(rows: int, cols: int) -> Coefficients:
+    """ROOT's dimension-robust coefficients for a ``rows × cols`` matrix: the published triple for its shape,
+    Muon's :data:`NS_COEFFICIENTS` for a shape the authors published none for (as their code does)."""
+    return ROOT_COEFFICIENTS.get((min(rows, cols), max(rows, cols)), NS_COEFFICIENTS)
+
+
+def coefficient_schedule(coefficients: Coefficients | Sequence[Coefficients], steps: int) -> list[Coefficients]:
+    """The ``(a, b, c)`` of each of ``steps`` iterations: one triple repeated, or a sequence of ``steps`` triples."""
+    if len(coefficients) == 3 and all(isinstance(v, (int, float)) for v in coefficients):
+        return [tuple(coefficients)] * steps
+    schedule = [tuple(triple) for triple in coefficients]
+    if len(schedule) != steps or any(len(triple) != 3 for triple in schedule):
+        raise ValueError(f"a coefficient schedule needs {steps} triples (a, b, c), got {coefficients!r}")
+    return schedule
+
+
+def aol_rescale(x: torch.Tensor, eps: float = AOL_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turbo-Muon's AOL preconditioning of a wide ``x`` (Boissin et al. 2025; Prach & Lampert 2022, "Almost-
+    Orthogonal Layers"): ``A = X Xᵀ``, ``s_i = max(Σ_j |A_ij|, eps)^(−1/2)``; returns ``diag(s) X`` (spectral
+    norm ≤ 1) and its Gram matrix ``diag(s) A diag(s)``, which the first iteration reuses."""
+    gram = x @ x.t()
+    scale = gram.abs().sum(dim=1).clamp_min(eps).rsqrt()
+    return x * scale[:, None], gram * scale[:, None] * scale[None, :]
+
+
+def newton_schulz(update: torch.Tensor, steps: int = 5,
+                  coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
+                  aol: bool = False) -> torch.Tensor:
+    """Approximately orthogonalise a 2-D ``update`` by the quintic Newton–Schulz iteration (Muon's by default).
+
+    ``X ← N/‖N‖_F`` (a zero matrix stays zero), or, with ``aol``, ``X ← diag(s) N`` (:func:`aol_rescale`);
+    transposed when rows > cols so that ``X Xᵀ`` is the small Gram matrix; then for each ``(a, b, c)`` of
+    :func:`coefficient_schedule` (``steps`` iterations): ``A = X Xᵀ; X ← aX + (bA + cA²)X``; transposed back.
     """
-    a, b, c = NS_COEFFICIENTS
+    schedule = coefficient_schedule(coefficients, steps)
     x = update
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.t()
-    norm = torch.linalg.matrix_norm(x)  # Frobenius
-    x = x / norm.clamp_min(torch.finfo(x.dtype).tiny)
-    for _ in range(steps):  # addmm keeps at most three matrix-sized temporaries alive
-        gram = x @ x.t()
+    gram = None
+    if aol:
+        x, gram = aol_rescale(x)
+    else:
+        norm = torch.linalg.matrix_norm(x)  # Frobenius
+        x = x / norm.clamp_min(torch.finfo(x.dtype).tiny)
+    for a, b, c in schedule:  # addmm keeps at most three matrix-sized temporaries alive
+        if gram is None:
+            gram = x @ x.t()
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        gram = None
     return x.t() if tall else x
