@@ -24,6 +24,7 @@ from graphopt.errors import (
 )
 from graphopt.export import ExportReport, export
 from graphopt.hookspecs import hookimpl
+from graphopt.interop import from_peft
 from graphopt.method import Method, MethodInfo, Option
 from graphopt.plugins import list_methods, register_plugin, unregister_plugin
 
@@ -32,6 +33,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptureError", "CheckpointError", "CompileStats", "CompiledModel", "ExportError", "ExportReport",
     "GraphoptError", "Method", "MethodContext", "MethodError", "MethodInfo", "Option", "OptionError", "PluginError",
-    "RewriteError", "StepError", "__version__", "compile", "export", "hookimpl", "list_methods", "optim",
+    "RewriteError", "StepError", "__version__", "compile", "export", "from_peft", "hookimpl", "list_methods", "optim",
     "register_plugin", "unregister_plugin",
 ]

@@ -22,6 +22,7 @@ from graphopt.capture import capture
 from graphopt.captured import CapturedModel
 from graphopt.distributed import broadcast_module, check_process_group, gradient_mean
 from graphopt.errors import OptionError
+from graphopt.interop import adapter_state, merge, peft
 from graphopt.method import Method
 from graphopt.optim import Optimizer
 from graphopt.plugins import get_plugin_manager, method_registry
@@ -82,6 +83,7 @@ class CompiledModel:
         captured.trainer = TrainingStep(captured, self.loss_fn, self.backend, reduce_grad)
         if self._pending_state is not None:
             self._load(captured, self._pending_state)
+        self._structure = merge.original_structure(self._model)  # no data: for merged_module and adapter names
         self._captured, self._model, self._pending_state = captured, None, None
         return captured
 
@@ -197,6 +199,29 @@ class CompiledModel:
         checkpoint = read_checkpoint(state, captured.gm, self._train_state.lr, sorted(captured.stateful_methods()))
         apply_checkpoint(checkpoint, captured.gm, self._train_state)
         captured.load_method_states(checkpoint.methods)
+
+    # -- adapters, PEFT and plain models (graphopt.interop) -------------------------------------------------
+    def merged_module(self) -> nn.Module:
+        """A new module of the original model's class with every adapter folded into its weights (PEFT's
+        ``merge_and_unload``); checked against ``export_graph(merge=True)`` (see ``graphopt.interop.merge``)."""
+        return merge.merged_module(self.export_graph(merge=True), self._structure, self.captured.example_inputs)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what the methods added (and original parameters that train), by graph name."""
+        return adapter_state.adapter_state_dict(self.graph_module, merge.original_names(self._structure))
+
+    def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load what :meth:`adapter_state_dict` returned (all keys known, shapes equal; all given when ``strict``)."""
+        adapter_state.load_adapter_state_dict(self.graph_module, merge.original_names(self._structure), state, strict)
+
+    def save_pretrained(self, directory: str, submodule: str = "") -> Any:
+        """Write the adapter as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
+        ``peft.PeftModel.from_pretrained`` loads; ``submodule``: the path of the model PEFT wraps, if not all."""
+        original = merge.original_names(self._structure)
+        trainable = [n for n, p in self.graph_module.named_parameters() if p.requires_grad and n in original]
+        config = getattr(self._structure.get_submodule(submodule), "config", None)
+        return peft.save_pretrained(directory, self.graph_module, self.methods, trainable, submodule,
+                                    getattr(config, "_name_or_path", None) or None)
 
     # -- functions methods added --------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
