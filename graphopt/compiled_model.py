@@ -217,10 +217,11 @@ class CompiledModel:
     def save_pretrained(self, directory: str, submodule: str = "") -> Any:
         """Write the adapter as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
         ``peft.PeftModel.from_pretrained`` loads; ``submodule``: the path of the model PEFT wraps, if not all."""
+        gm = self.graph_module
         original = merge.original_names(self._structure)
-        trainable = [n for n, p in self.graph_module.named_parameters() if p.requires_grad and n in original]
+        trainable = [n for n, p in gm.named_parameters() if p.requires_grad and n in original]
         config = getattr(self._structure.get_submodule(submodule), "config", None)
-        return peft.save_pretrained(directory, self.graph_module, self.methods, trainable, submodule,
+        return peft.save_pretrained(directory, gm, self.methods, trainable, submodule,
                                     getattr(config, "_name_or_path", None) or None)
 
     # -- functions methods added --------------------------------------------------------------------

@@ -100,6 +100,8 @@ def _oftv2_out(method: Any, params: Tensors, layers: Mapping[str, LayerCall]) ->
                             "are ours with K = N - 1 for N >= 4): use neumann_terms=0 or >= 3")
     for path in params:
         layer = layers[path]
+        if layer.kind == "addmm":
+            raise GraphoptError(f"save_pretrained: PEFT's OFT has no transformers Conv1D layers, and {path!r} is one")
         if layer.kind == "conv2d":
             kernel, options = layer.weight_shape[2:], layer.conv_options
             if kernel[0] != kernel[1] or list(options["dilation"]) != [1, 1]:
@@ -112,7 +114,7 @@ def _oftv2_out(method: Any, params: Tensors, layers: Mapping[str, LayerCall]) ->
     sign = -1.0 if k == 0 else 1.0
     config = {"peft_type": "OFT", "r": 0, "oft_block_size": method.block_size, "use_cayley_neumann": k > 0,
               "num_cayley_neumann_terms": k + 1 if k else 5, "module_dropout": 0.0, "coft": False, "eps": 6e-5,
-              "block_share": False, "init_weights": True, "fan_in_fan_out": _fan_in_fan_out(params, layers)}
+              "block_share": False, "init_weights": True}
     return config, {path: {"oft_R.weight": sign * p["q"]} for path, p in params.items()}
 
 

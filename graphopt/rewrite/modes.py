@@ -1,5 +1,5 @@
 """Copies of a captured graph that share its parameters: plain (step variants), and the inference form
-(dropout off, batch norm on running statistics).
+(dropout off — attention dropout too —, batch norm on running statistics).
 
 ``torch.export`` records the training-mode ops (``aten.dropout(x, p, train=True)``,
 ``aten.batch_norm(..., training=True, ...)``) and an exported GraphModule refuses ``.eval()``, so the
@@ -13,6 +13,7 @@ import torch
 aten = torch.ops.aten
 _TRAIN_FLAG = {aten.dropout.default: 2, aten.batch_norm.default: 5, aten.feature_dropout.default: 2,
                aten.alpha_dropout.default: 2}
+_SDPA_DROPOUT = 4  # scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -39,6 +40,11 @@ def inference_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         index = _TRAIN_FLAG.get(node.target)
         if index is not None and len(node.args) > index:
             node.update_arg(index, False)
+        elif node.target is aten.scaled_dot_product_attention.default:  # attention dropout: dropout_p → 0
+            if len(node.args) > _SDPA_DROPOUT:
+                node.update_arg(_SDPA_DROPOUT, 0.0)
+            elif "dropout_p" in node.kwargs:
+                node.update_kwarg("dropout_p", 0.0)
         elif node.target is aten.add_.Tensor and _is_batch_counter(node):
             graph.erase_node(node)
     inference.training = False  # the flag only: an exported GraphModule refuses .eval()
