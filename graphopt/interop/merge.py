@@ -31,7 +31,20 @@ from graphopt.errors import GraphoptError
 def original_structure(model: nn.Module) -> nn.Module:
     """``model`` (graphopt's own copy, which capture no longer needs) moved in place to the ``meta`` device:
     the template :func:`merged_module` fills, and the names that tell adapter tensors from the model's."""
-    return model.to("meta")
+    tied: dict[int, list[str]] = {}
+    for name, tensor in _named_tensors(model):
+        tied.setdefault(id(tensor), []).append(name)
+    model.to("meta")  # a new tensor per attribute: the ties are made again below
+    for names in (names for names in tied.values() if len(names) > 1):
+        first = model.get_parameter(names[0]) if _is_parameter(model, names[0]) else model.get_buffer(names[0])
+        for name in names[1:]:
+            _set(model, name, first)
+    return model
+
+
+def _is_parameter(module: nn.Module, name: str) -> bool:
+    owner_path, _, attr = name.rpartition(".")
+    return attr in (module.get_submodule(owner_path) if owner_path else module)._parameters
 
 
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,6 +17,7 @@ A PEFT setting graphopt cannot reproduce is an error naming it.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -112,9 +113,10 @@ def _oftv2_out(method: Any, params: Tensors, layers: Mapping[str, LayerCall]) ->
                               "after PeftModel.from_pretrained, merge_and_unload() reproduces this adapter",
                               stacklevel=3)
     sign = -1.0 if k == 0 else 1.0
-    config = {"peft_type": "OFT", "r": 0, "oft_block_size": method.block_size, "use_cayley_neumann": k > 0,
-              "num_cayley_neumann_terms": k + 1 if k else 5, "module_dropout": 0.0, "coft": False, "eps": 6e-5,
-              "block_share": False, "init_weights": True}
+    # peft_version: the first PEFT with this series (older ones summed I + 2Σ_{i<N} Q^i and warn about it)
+    config = {"peft_type": "OFT", "peft_version": "0.18.0", "r": 0, "oft_block_size": method.block_size,
+              "use_cayley_neumann": k > 0, "num_cayley_neumann_terms": k + 1 if k else 5, "module_dropout": 0.0,
+              "coft": False, "eps": 6e-5, "block_share": False, "init_weights": True}
     return config, {path: {"oft_R.weight": sign * p["q"]} for path, p in params.items()}
 
 
@@ -164,6 +166,10 @@ def _oft_in(config: Mapping[str, Any], tensors: Tensors) -> tuple[tuple[str, dic
         raise GraphoptError(f"PEFT setting oft_block_size differs between layers ({sizes}); graphopt's oftv2 uses "
                             "one block size")
     if config.get("use_cayley_neumann", True):
+        version = tuple(int(part) for part in re.findall(r"\d+", str(config.get("peft_version", "0")))[:2])
+        if version < (0, 18):
+            warnings.warn("this OFT adapter predates PEFT 0.18, whose Cayley–Neumann series differs slightly: it is "
+                          "loaded with the newer series, as PEFT itself does", stacklevel=3)
         terms = int(config.get("num_cayley_neumann_terms", 5))
         if terms <= 2:
             raise GraphoptError(f"PEFT setting num_cayley_neumann_terms={terms} is not supported for OFT (no oftv2 "
