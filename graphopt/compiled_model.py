@@ -13,6 +13,7 @@ import functools
 import inspect
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -214,7 +215,7 @@ class CompiledModel:
         """Load what :meth:`adapter_state_dict` returned (all keys known, shapes equal; all given when ``strict``)."""
         adapter_state.load_adapter_state_dict(self.graph_module, merge.original_names(self._structure), state, strict)
 
-    def save_pretrained(self, directory: str, submodule: str = "") -> Any:
+    def save_pretrained(self, directory: str | Path, submodule: str = "") -> Path:
         """Write the adapter as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
         ``peft.PeftModel.from_pretrained`` loads; ``submodule``: the path of the model PEFT wraps, if not all."""
         gm = self.graph_module

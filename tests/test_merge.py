@@ -127,3 +127,13 @@ def test_adapter_state_dict_round_trip_and_errors() -> None:
     with pytest.raises(graphopt.CheckpointError, match="has shape"):
         other.load_adapter_state_dict({**state, key: torch.zeros(1, 2)})
     other.load_adapter_state_dict({key: copy.deepcopy(state[key])}, strict=False)
+
+
+def test_folding_into_a_tied_weight_is_refused() -> None:
+    """GPT-2's lm_head shares its weight with the token embedding: folding an adapter into it would change
+    the embedding too, so merge=True (and merged_module) refuse it; the unmerged model is right."""
+    m = compile_eager(hf_gpt2(), ["lora(r=4, targets='lm_head')"])
+    randomise(m)
+    with pytest.raises(graphopt.ExportError, match=r"cannot fold the adapter into lm_head\.weight.*embedding"):
+        m.merged_module()
+    assert m.export_graph(merge=False) is not None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from graphopt.errors import ExportError
 from graphopt.rewrite.layers import LayerCall
 from graphopt.rewrite.meta import set_layer_path
 
@@ -108,8 +109,19 @@ def _attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
+def _refuse_tied(gm: torch.fx.GraphModule, target: str, readers: set[torch.fx.Node]) -> None:
+    """Folding changes the tensor ``target`` for every node that reads it: only ``readers`` may."""
+    others = [u.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == target
+              for u in n.users if u not in readers]
+    if others:
+        raise ExportError(f"cannot fold the adapter into {target}: the tensor is also read by {', '.join(others)} "
+                          "(tied weights, e.g. an LM head and its embedding); exclude the layer from targets or "
+                          "export with merge=False")
+
+
 def _set_weight(gm: torch.fx.GraphModule, layer_node: torch.fx.Node, kind: str, weight_out_in: torch.Tensor) -> None:
     weight_node = layer_node.args[2] if kind == "addmm" else layer_node.args[1]
+    _refuse_tied(gm, weight_node.target, {layer_node})
     owner, _, name = weight_node.target.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
     old = getattr(module, name)
@@ -154,6 +166,7 @@ def fold_weight_transforms(gm: torch.fx.GraphModule, fn: Callable[..., Any],
         if node.op != "call_function" or node.target is not fn:
             continue
         weight_node = node.args[0]
+        _refuse_tied(gm, weight_node.target, {node})
         params = [_attr(gm, p).detach() for p in node.args[1:]]
         owner, _, name = weight_node.target.rpartition(".")
         module = gm.get_submodule(owner) if owner else gm
