@@ -209,19 +209,19 @@ class CompiledModel:
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what the methods added (and original parameters that train), by graph name."""
-        return adapter_state.adapter_state_dict(self.graph_module, merge.original_names(self._structure))
+        return adapter_state.adapter_state_dict(self.graph_module, self._structure.names)
 
     def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load what :meth:`adapter_state_dict` returned (all keys known, shapes equal; all given when ``strict``)."""
-        adapter_state.load_adapter_state_dict(self.graph_module, merge.original_names(self._structure), state, strict)
+        adapter_state.load_adapter_state_dict(self.graph_module, self._structure.names, state, strict)
 
     def save_pretrained(self, directory: str | Path, submodule: str = "") -> Path:
         """Write the adapter as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
         ``peft.PeftModel.from_pretrained`` loads; ``submodule``: the path of the model PEFT wraps, if not all."""
         gm = self.graph_module
-        original = merge.original_names(self._structure)
+        original = self._structure.names
         trainable = [n for n, p in gm.named_parameters() if p.requires_grad and n in original]
-        config = getattr(self._structure.get_submodule(submodule), "config", None)
+        config = getattr(self._structure.module.get_submodule(submodule), "config", None)
         return peft.save_pretrained(directory, gm, self.methods, trainable, submodule,
                                     getattr(config, "_name_or_path", None) or None)
 

@@ -138,8 +138,8 @@ class OFTv2(graphopt.Method):
 
     ``W′ = W R_bdᵀ``, ``R_bd = blockdiag(R_j)``, ``R_j = (I + Q_j) Σ_{i=0}^{K−1} Q_j^i`` (``K = neumann_terms``;
     ``K = 0``: exact Cayley ``(I + Q_j)(I − Q_j)⁻¹``), ``Q_j = M_j − M_jᵀ`` from parameter ``oftv2_q``.
-    PEFT's ``num_cayley_neumann_terms = N`` uses ``I + 2Σ_{i=1}^{N−1} Q^i``; our ``K = N − 1`` equals that minus
-    ``Q^K`` (both are Cayley to O(‖Q‖^K)); see docs/methods/oftv2.md.
+    PEFT's (≥ 0.18) ``num_cayley_neumann_terms = N`` computes ``I + 2Σ_{i=1}^{N−2} Q^i + Q^{N−1}``, which is ours
+    with ``K = N − 1`` for ``N ≥ 4``; see docs/methods/oftv2.md.
     """
 
     name = "oftv2"

@@ -9,25 +9,25 @@ with ``strict`` every adapter tensor must be given.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 
 import torch
 
 from graphopt.errors import CheckpointError
 
 
-def adapter_names(gm: torch.fx.GraphModule, original: set[str]) -> list[str]:
+def adapter_names(gm: torch.fx.GraphModule, original: Set[str]) -> list[str]:
     """The graph's parameters that are not the original model's, or that train."""
     return [n for n, p in gm.named_parameters() if n not in original or p.requires_grad]
 
 
-def adapter_state_dict(gm: torch.fx.GraphModule, original: set[str]) -> dict[str, torch.Tensor]:
+def adapter_state_dict(gm: torch.fx.GraphModule, original: Set[str]) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` (detached, sharing storage like ``nn.Module.state_dict``) for :func:`adapter_names`."""
     params = dict(gm.named_parameters())
     return {name: params[name].detach() for name in adapter_names(gm, original)}
 
 
-def load_adapter_state_dict(gm: torch.fx.GraphModule, original: set[str], state: Mapping[str, torch.Tensor],
+def load_adapter_state_dict(gm: torch.fx.GraphModule, original: Set[str], state: Mapping[str, torch.Tensor],
                             strict: bool = True) -> None:
     """Copy ``state`` into the adapter parameters, all or nothing (checked completely first)."""
     names = adapter_names(gm, original)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,17 @@ from torch.utils import _pytree as pytree
 from graphopt.errors import GraphoptError
 
 
-def original_structure(model: nn.Module) -> nn.Module:
+@dataclass(frozen=True)
+class Structure:
+    """The original model without data (``module``, on ``meta``) and its parameter and buffer ``names``
+    (tied ones under each name). A plain holder, so a compiled model that is itself an ``nn.Module`` does not
+    register the template as a submodule."""
+
+    module: nn.Module
+    names: frozenset[str]
+
+
+def original_structure(model: nn.Module) -> Structure:
     """``model`` (graphopt's own copy, which capture no longer needs) moved in place to the ``meta`` device:
     the template :func:`merged_module` fills, and the names that tell adapter tensors from the model's."""
     tied: dict[int, list[str]] = {}
@@ -39,7 +50,7 @@ def original_structure(model: nn.Module) -> nn.Module:
         first = model.get_parameter(names[0]) if _is_parameter(model, names[0]) else model.get_buffer(names[0])
         for name in names[1:]:
             _set(model, name, first)
-    return model
+    return Structure(model, frozenset(name for names in tied.values() for name in names))
 
 
 def _is_parameter(module: nn.Module, name: str) -> bool:
@@ -52,11 +63,6 @@ def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_buffers(remove_duplicate=False)
 
 
-def original_names(structure: nn.Module) -> set[str]:
-    """Every parameter and buffer name of the original model (tied ones under each of their names)."""
-    return {name for name, _ in _named_tensors(structure)}
-
-
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_path, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
@@ -66,14 +72,14 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
 
 
-def merged_module(merged_graph: torch.fx.GraphModule, structure: nn.Module, example_inputs: tuple[Any, ...],
+def merged_module(merged_graph: torch.fx.GraphModule, structure: Structure, example_inputs: tuple[Any, ...],
                   atol: float = 1e-5) -> nn.Module:
     """A new module of the original class whose weights are ``merged_graph``'s (``export_graph(merge=True)``).
 
     Raises :class:`~graphopt.GraphoptError` when the merged graph holds a tensor the original model has no
     place for (a method that does not fold) or when the plain module does not reproduce the graph.
     """
-    module = copy.deepcopy(structure)
+    module = copy.deepcopy(structure.module)
     values = {**dict(merged_graph.named_parameters()), **dict(merged_graph.named_buffers())}
     groups: dict[int, list[str]] = {}
     templates: dict[int, torch.Tensor] = {}
@@ -83,11 +89,11 @@ def merged_module(merged_graph: torch.fx.GraphModule, structure: nn.Module, exam
     extra = sorted(set(values) - {n for names in groups.values() for n in names})
     if extra:
         raise GraphoptError(f"merged_module: the merged graph still holds {', '.join(extra)}, which "
-                            f"{type(structure).__name__} has no place for: a method left an adapter unfolded")
+                            f"{type(module).__name__} has no place for: a method left an adapter unfolded")
     for key, names in groups.items():
         source = next((n for n in names if n in values), None)
         if source is None:
-            raise GraphoptError(f"merged_module: {names[0]} of {type(structure).__name__} is not in the captured "
+            raise GraphoptError(f"merged_module: {names[0]} of {type(module).__name__} is not in the captured "
                                 "graph, so its value is unknown")
         value = values[source].detach().clone()
         template = templates[key]
