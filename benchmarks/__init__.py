@@ -38,6 +38,8 @@ CASES = (
     ("hra", "hra", "bench_hra"),
     ("oftv2", "oftv2", "bench_oftv2"),
     ("sora", "sora", "bench_sora"),
+    ("peft", "peft", "bench_peft"),
+    ("peft: conv adapters", "peft", "bench_conv"),
     ("tract", "tract", "run_case"),
     ("layerdrop", "layerdrop", "bench_layerdrop"),
     ("real-models", "real_models", "bench_real_models"),

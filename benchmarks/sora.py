@@ -6,8 +6,8 @@ fixed random target, adapters on every linear layer. Variants, measured side by 
 
 - ``lora_eager``: a plain LoRA written here in PyTorch (``y = W x + b + s·B A x``), ``torch.optim`` step;
   no graphopt involved.
-- ``lora_graphopt``: the same LoRA as a graphopt method defined in this file (``bench-lora``), so the
-  only difference to ``sora`` is the gate and its proximal step.
+- ``lora_graphopt``: the same LoRA as graphopt's built-in ``lora`` method, so the only difference to
+  ``sora`` is the gate and its proximal step.
 - ``sora``: ``sora(r=8, sparse_lambda=1e-3)``.
 
 The optimizer is AdamW (``adamw`` / ``torch.optim.AdamW``) when the ``adamw`` method is registered,
@@ -29,38 +29,8 @@ from torch import nn
 
 import graphopt
 from graphopt.bench import peak_memory_mib, ratios, time_steps
-from graphopt.rewrite.adapters import insert_output_delta
 
 from .common import eager_training_step, linear_gelu_stack
-
-
-def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain LoRA branch ``s·(x Aᵀ) Bᵀ`` (scale on the rank side)."""
-    return ((x @ A.t()) * scale) @ B.t()
-
-
-class BenchLoRA(graphopt.Method):
-    """Plain LoRA (Hu et al. 2021) for the bench only: ``y = base(x) + (alpha/r)·(x Aᵀ) Bᵀ``."""
-
-    name = "bench-lora"
-    stage = "forward"
-
-    def __init__(self, r: int = 8, alpha: float = 16) -> None:
-        self.r, self.alpha = r, alpha
-
-    def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
-        for layer in ctx.select(None):
-            a = torch.empty(self.r, layer.in_features)
-            nn.init.kaiming_uniform_(a, a=5**0.5)
-            names = [ctx.add_parameter(layer.path, "A", a),
-                     ctx.add_parameter(layer.path, "B", torch.zeros(layer.out_features, self.r))]
-            insert_output_delta(ctx, layer, lora_delta, names, scale=self.alpha / self.r)
-
-
-class _BenchPlugin:
-    @graphopt.hookimpl
-    def graphopt_register_methods(self, register):
-        register(BenchLoRA)
 
 
 class EagerLoRALinear(nn.Module):
@@ -104,38 +74,34 @@ def bench_sora(quick: bool) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=lr) if use_adamw else torch.optim.SGD(params, lr=lr)
     eager_step = eager_training_step(eager, optimizer, x, target)
 
-    plugin_name = graphopt.register_plugin(_BenchPlugin(), name="bench-sora-lora")
-    try:
-        lora = graphopt.compile(base, methods=[f"bench-lora(r={r}, alpha={alpha})", opt_spec], loss_fn=F.mse_loss,
-                                example_inputs=(x,))
-        sora = graphopt.compile(base, methods=[f"sora(r={r}, alpha={alpha}, sparse_lambda=1e-3)", opt_spec],
-                                loss_fn=F.mse_loss, example_inputs=(x,))
-        variants = {"lora_eager": eager_step, "lora_graphopt": lambda: lora.step(x, target),
-                    "sora": lambda: sora.step(x, target)}
-        times = time_steps(variants, steps=steps, warmup=3, block=5, progress=False)
-        memory = {name: peak_memory_mib(fn) for name, fn in variants.items()} if not quick else {}
+    lora = graphopt.compile(base, methods=[f"lora(r={r}, alpha={alpha})", opt_spec], loss_fn=F.mse_loss,
+                            example_inputs=(x,))
+    sora = graphopt.compile(base, methods=[f"sora(r={r}, alpha={alpha}, sparse_lambda=1e-3)", opt_spec],
+                            loss_fn=F.mse_loss, example_inputs=(x,))
+    variants = {"lora_eager": eager_step, "lora_graphopt": lambda: lora.step(x, target),
+                "sora": lambda: sora.step(x, target)}
+    times = time_steps(variants, steps=steps, warmup=3, block=5, progress=False)
+    memory = {name: peak_memory_mib(fn) for name, fn in variants.items()} if not quick else {}
 
-        # inference after pruning: half of each layer's gates set to zero, then pruned to r' = r/2
-        with torch.no_grad():
-            for name, p in sora.named_parameters():
-                if name.endswith("sora_gate"):
-                    p[: r // 2] = 0
-                elif name.endswith("sora_B"):
-                    p.normal_(0, 1e-3)
-        sora.prune()
-        pruned_ranks = sorted({a for a, _ in sora.sora_ranks().values()})
-        xi = x[:8] if quick else x
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = {"sora_pruned": Path(tmp) / "sora_pruned.onnx", "lora_r": Path(tmp) / "lora.onnx"}
-            graphopt.export(sora.eval(), paths["sora_pruned"], example_inputs=(xi,), merge=False)
-            graphopt.export(lora.eval(), paths["lora_r"], example_inputs=(xi,), merge=False)
-            if not quick:  # the merged plain model, for reference
-                paths["merged"] = Path(tmp) / "merged.onnx"
-                graphopt.export(lora.eval(), paths["merged"], example_inputs=(xi,), merge=True)
-            timers = {name: _onnx_timer(path, xi) for name, path in paths.items()}
-            inference = time_steps(timers, steps=steps, warmup=2, block=5, progress=False)
-    finally:
-        graphopt.unregister_plugin(plugin_name)
+    # inference after pruning: half of each layer's gates set to zero, then pruned to r' = r/2
+    with torch.no_grad():
+        for name, p in sora.named_parameters():
+            if name.endswith("sora_gate"):
+                p[: r // 2] = 0
+            elif name.endswith("sora_B"):
+                p.normal_(0, 1e-3)
+    sora.prune()
+    pruned_ranks = sorted({a for a, _ in sora.sora_ranks().values()})
+    xi = x[:8] if quick else x
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"sora_pruned": Path(tmp) / "sora_pruned.onnx", "lora_r": Path(tmp) / "lora.onnx"}
+        graphopt.export(sora.eval(), paths["sora_pruned"], example_inputs=(xi,), merge=False)
+        graphopt.export(lora.eval(), paths["lora_r"], example_inputs=(xi,), merge=False)
+        if not quick:  # the merged plain model, for reference
+            paths["merged"] = Path(tmp) / "merged.onnx"
+            graphopt.export(lora.eval(), paths["merged"], example_inputs=(xi,), merge=True)
+        timers = {name: _onnx_timer(path, xi) for name, path in paths.items()}
+        inference = time_steps(timers, steps=steps, warmup=2, block=5, progress=False)
 
     return {
         "optimizer": opt_spec.split("(")[0],

@@ -27,6 +27,7 @@ from graphopt.errors import (
 )
 from graphopt.export import ExportReport, export
 from graphopt.hookspecs import hookimpl
+from graphopt.interop import from_peft
 from graphopt.method import Method, MethodInfo, Option
 from graphopt.plugins import list_methods, register_plugin, unregister_plugin
 from graphopt.progress import set_verbosity
@@ -37,5 +38,5 @@ __all__ = [
     "CaptureError", "CheckpointError", "CompileStats", "CompiledModel", "ExportError", "ExportReport",
     "GraphoptError", "InputError", "Method", "MethodContext", "MethodError", "MethodInfo", "NotCapturedError",
     "Option", "OptionError", "PluginError", "RewriteError", "StepError", "__version__", "compile", "export",
-    "hookimpl", "list_methods", "optim", "register_plugin", "set_verbosity", "unregister_plugin",
+    "from_peft", "hookimpl", "list_methods", "optim", "register_plugin", "set_verbosity", "unregister_plugin",
 ]

@@ -19,6 +19,7 @@ import functools
 import inspect
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from graphopt.captured import CapturedModel
 from graphopt.distributed import broadcast_module, gradient_mean
 from graphopt.errors import InputError, NotCapturedError, OptionError
 from graphopt.inputs import CallInputs, DynamicDims, normalise_dynamic_dims
+from graphopt.interop import adapter_state, merge, peft
 from graphopt.method import Method
 from graphopt.optim import Optimizer
 from graphopt.plugins import get_plugin_manager
@@ -145,6 +147,7 @@ class CompiledModel(nn.Module):
                                         self.options.on_nonfinite, reduce_grad, self.options.checkpoint_blocks)
         if self._pending_state is not None:
             self._load(captured, self._pending_state)
+        self._structure = merge.original_structure(self._model)  # no data: for merged_module and adapter names
         self._captured, self._pending_state = captured, None
         self._become(gm)
         self.train(self.training)
@@ -290,6 +293,30 @@ class CompiledModel(nn.Module):
         checkpoint = read_checkpoint(state, captured.gm, self._train_state.lr, sorted(captured.stateful_methods()))
         apply_checkpoint(checkpoint, captured.gm, self._train_state)
         captured.load_method_states(checkpoint.methods)
+
+    # -- adapters, PEFT and plain models (graphopt.interop) -------------------------------------------------
+    def merged_module(self) -> nn.Module:
+        """A new module of the original model's class with every adapter folded into its weights (PEFT's
+        ``merge_and_unload``); checked against ``export_graph(merge=True)`` (see ``graphopt.interop.merge``)."""
+        return merge.merged_module(self.export_graph(merge=True), self._structure, self.captured.example)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what the methods added (and original parameters that train), by graph name."""
+        return adapter_state.adapter_state_dict(self.graph_module, self._structure.names)
+
+    def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load what :meth:`adapter_state_dict` returned (all keys known, shapes equal; all given when ``strict``)."""
+        adapter_state.load_adapter_state_dict(self.graph_module, self._structure.names, state, strict)
+
+    def save_pretrained(self, directory: str | Path, submodule: str = "") -> Path:
+        """Write the adapter as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
+        ``peft.PeftModel.from_pretrained`` loads; ``submodule``: the path of the model PEFT wraps, if not all."""
+        gm = self.graph_module
+        original = self._structure.names
+        trainable = [n for n, p in gm.named_parameters() if p.requires_grad and n in original]
+        config = getattr(self._structure.module.get_submodule(submodule), "config", None)
+        return peft.save_pretrained(directory, gm, self.methods, trainable, submodule,
+                                    getattr(config, "_name_or_path", None) or None)
 
     # -- functions methods added --------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -10,7 +10,7 @@ part in brackets):
 
 Phase ``apply``: once, at capture, on the forward graph ``gm``, which ``apply`` may change in place.
     ``apply(gm, ctx)``                       the method's own rewrite of ``gm``                  [every method]
-    ``add_parameter(path, name, value)``     a new parameter ``<path>.<method>_<name>``          [hra oftv2 sora]
+    ``add_parameter(path, name, value)``     a new parameter ``<path>.<method>_<name>``     [hra oftv2 lora sora]
 Phase ``step``: when the training step is built and traced, or before each step runs.
     ``set_optimizer(rule)``                  ``rule.init_state`` at a parameter's first step; ``rule.update``
                                              traced per parameter, changing it and its slots   [sgd adamw muon]
@@ -28,7 +28,7 @@ Phase ``inference``: when ``m.eval()`` or export first needs the inference graph
 Phase ``export``: at each ``graphopt.export``.
     ``add_export_pass(fn, merge=)``          ``fn(gm)`` on export's own deep copy: nodes and
                                              parameters (``merge=True`` folds, ``False``
-                                             leaves the compact form)                          [hra oftv2 sora tract]
+                                             leaves the compact form)                     [hra oftv2 lora sora tract]
     ``add_onnx_translation(op, fn)``         called by the ONNX exporter for the custom ``op``   [tract]
 Phase ``state``: ``m.state_dict()`` and ``m.load_state_dict()``.
     ``add_state(save, load)``                ``save()`` → ``_graphopt.method.<method>.<key>``;

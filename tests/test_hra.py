@@ -255,15 +255,15 @@ def test_option_errors(spec: str, words: list[str]) -> None:
 
 def test_layer_errors() -> None:
     x = torch.randn(2, 6)
-    with pytest.raises(graphopt.OptionError, match=r"matches no linear layer.*fc1, head, proj"):
+    with pytest.raises(graphopt.OptionError, match=r"matches no linear or conv2d layer.*fc1, head, proj"):
         graphopt.compile(Net(), methods=["hra(targets='nope*')"], example_inputs=(x,), backend="eager")
     with pytest.raises(graphopt.OptionError, match=r"r=8 is larger than in_features=6 of layer 'fc1'"):
         graphopt.compile(Net(), methods=["hra(r=8)"], example_inputs=(x,), backend="eager")
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
-    with pytest.raises(graphopt.OptionError, match=r"Conv2d layer\(s\) 0 .*not supported"):
-        graphopt.compile(conv, methods=["hra(r=2, targets='*')"], example_inputs=(torch.randn(1, 3, 6, 6),),
+    # explicit targets reach Conv2d layers too (tests/test_peft_conv.py); default targets: only linear layers
+    m = graphopt.compile(conv, methods=["hra(r=2, targets='*')"], example_inputs=(torch.randn(1, 3, 6, 6),),
                          backend="eager")
-    # default targets: only the linear layer of a CNN
+    assert [n for n, _ in m.trainable_parameters().items()] == ["0.hra_u", "2.hra_u"]
     m = graphopt.compile(conv, methods=["hra(r=2)"], example_inputs=(torch.randn(1, 3, 6, 6),), backend="eager")
     assert [n for n, _ in m.trainable_parameters().items()] == ["2.hra_u"]
     with pytest.raises(graphopt.OptionError, match="listed twice"):

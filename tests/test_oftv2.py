@@ -144,17 +144,19 @@ def test_neumann_error_shrinks_with_terms() -> None:
 
 
 def test_relation_to_peft_series() -> None:
-    """PEFT's N-term series I + 2Σ_{i=1}^{N−1} Q^i equals ours with K = N − 1 plus Q^K (documented)."""
+    """The real PEFT's N-term series ``I + 2Σ_{i=1}^{N−2} Q^i + Q^{N−1}`` equals ours with K = N − 1 for N ≥ 4
+    (PEFT's default N = 5 ↔ our default K = 4); PEFT's N = 3 computes the same as its N = 4 (documented)."""
+    peft_oft = pytest.importorskip("peft.tuners.oft.layer")
     torch.manual_seed(0)
     q = torch.randn(2, 6, dtype=torch.float64) * 0.2
-    skew = torch.zeros(2, 4, 4, dtype=torch.float64)
-    rows, cols = torch.triu_indices(4, 4, 1)
-    skew[:, rows, cols] = q
-    skew = skew - skew.transpose(-1, -2)
-    for n in (2, 5):
-        peft = torch.eye(4, dtype=torch.float64) + 2 * sum(torch.linalg.matrix_power(skew, i) for i in range(1, n))
-        ours = cayley_neumann(q, 4, n - 1)
-        assert (peft - ours - torch.linalg.matrix_power(skew, n - 1)).abs().max().item() < 1e-14
+    module = peft_oft.OFTRotationModule(2, 6, 4, 8)
+    for n in (4, 5, 7):
+        theirs = module._cayley_batch(q, 4, use_cayley_neumann=True, num_neumann_terms=n)
+        assert (theirs - cayley_neumann(q, 4, n - 1)).abs().max().item() < 1e-14
+    three = module._cayley_batch(q, 4, use_cayley_neumann=True, num_neumann_terms=3)
+    assert (three - cayley_neumann(q, 4, 3)).abs().max().item() < 1e-14
+    exact = module._cayley_batch(q, 4, use_cayley_neumann=False)   # (I − Q)(I + Q)⁻¹: ours with −q
+    assert (exact - cayley_neumann(-q, 4, 0)).abs().max().item() < 1e-12
 
 
 def test_gradcheck_transform() -> None:
@@ -312,8 +314,8 @@ def test_errors() -> None:
         graphopt.compile(make_net(), methods=["oftv2(neumann_terms=-1)"])
     with pytest.raises(graphopt.OptionError, match=r"oftv2.*no option 'rank'"):
         graphopt.compile(make_net(), methods=["oftv2(rank=4)"])
-    with pytest.raises(graphopt.OptionError, match=r"oftv2.*'fc\*' matches no linear layer; available linear layers: "
-                                                    r"0, 2, 4"):
+    with pytest.raises(graphopt.OptionError, match=r"oftv2.*'fc\*' matches no linear or conv2d layer; available "
+                                                    r"linear or conv2d layers: 0, 2, 4"):
         graphopt.compile(make_net(torch.float32), methods=["oftv2(block_size=4, targets='fc*')"],
                          example_inputs=(x,), backend="eager")
 
@@ -330,9 +332,10 @@ def test_errors() -> None:
                          backend="eager")
 
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 8))
-    with pytest.raises(graphopt.OptionError, match=r"Conv2d layer.*0.*not supported for this layer"):
-        graphopt.compile(conv, methods=["oftv2(block_size=4, targets='0')"], example_inputs=(torch.randn(1, 3, 6, 6),),
+    # an explicit Conv2d target is adapted (tests/test_peft_conv.py): q has C·kh·kw/b = 27/3 rows
+    m = graphopt.compile(conv, methods=["oftv2(block_size=3, targets='0')"], example_inputs=(torch.randn(1, 3, 6, 6),),
                          backend="eager")
+    assert {n: tuple(p.shape) for n, p in m.trainable_parameters().items()} == {"0.oftv2_q": (9, 3)}
     # default targets skip the conv and adapt the linear layer
     m = graphopt.compile(conv, methods=["oftv2(block_size=4)"], example_inputs=(torch.randn(1, 3, 6, 6),),
                          backend="eager")

@@ -18,6 +18,12 @@ only the layer input and the r-wide ``x Û``. ``Vᵀ = Ûᵀ`` and ``Zᵀ`` are 
 matrices, the layout in which MKL's skinny GEMMs (forward and autograd's backward) are fast; see
 docs/methods/hra.md for the measurements.
 
+Conv2d layers (``W (out, C/g, kh, kw)``, any stride, padding, dilation, groups) are adapted as the matrix
+``W (out, C/g·kh·kw)`` over each filter's patch, ``W′ = W R``, one ``R`` shared by the groups: the same
+formula. There the input-centric form would rotate the unfolded patches (kh·kw times the input's memory);
+forming ``W′ = W − (W Z) Vᵀ`` in the step and running the conv on it measured several times faster, so
+conv layers are adapted weight-centric (docs/methods/hra.md, "Conv2d").
+
 ``apply_gs=True``: Gram–Schmidt the columns of ``hra_u`` to an orthonormal ``Q`` and use ``R = I − 2QQᵀ``
 (the same WY form with ``Û = Q``, ``T = 2I``). ``reg_lambda > 0`` adds ``reg_lambda·‖I − ÛᵀÛ‖_F``
 (summed over layers) to the training loss.
@@ -30,7 +36,6 @@ the identity: the model starts changed. At export with ``merge=True`` the adapte
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import math
 from collections.abc import Mapping
@@ -39,7 +44,12 @@ import torch
 
 import graphopt
 from graphopt.errors import OptionError
-from graphopt.rewrite.adapters import fold_input_transforms, insert_input_transform
+from graphopt.rewrite.adapters import (
+    fold_input_transforms,
+    fold_weight_transforms,
+    insert_input_transform,
+    insert_weight_transform,
+)
 
 
 # -- the math ---------------------------------------------------------------------------------------
@@ -99,11 +109,17 @@ def hra_matrix(u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
     return torch.eye(u.shape[0], dtype=u.dtype, device=u.device) - zt.t() @ vt
 
 
+def hra_conv_weight(weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
+    """``W R = W − (W Z) Vᵀ`` with ``W`` viewed as ``(out, in)`` (a conv weight ``(out, C/g, kh, kw)`` as
+    ``(out, C/g·kh·kw)``), in the weight's shape and dtype: the conv layers' form in training."""
+    vt, zt = hra_wy(u, apply_gs)
+    w = weight.reshape(weight.shape[0], -1)
+    return (w - (w @ zt.t().to(w.dtype)) @ vt.to(w.dtype)).reshape(weight.shape)
+
+
 def hra_fold_weight(weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
-    """``W R = W − (W Z) Vᵀ`` for ``W (out, in)`` (computed in float64, returned in ``W``'s dtype)."""
-    vt, zt = hra_wy(u.double(), apply_gs)
-    w = weight.double()
-    return (w - (w @ zt.t()) @ vt).to(weight.dtype)
+    """``W R`` for ``W (out, in)`` or a conv weight, computed in float64 and returned in ``W``'s dtype."""
+    return hra_conv_weight(weight.double(), u.double(), apply_gs).to(weight.dtype)
 
 
 def orthogonality_penalty(u: torch.Tensor) -> torch.Tensor:
@@ -141,9 +157,10 @@ class HRA(graphopt.Method):
         self.check(reg_lambda >= 0 and math.isfinite(reg_lambda), "reg_lambda", "use a finite reg_lambda >= 0")
 
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
-        """Insert ``hra_transform(x, u)`` before every targeted layer; the penalty and the fold go to ``ctx``."""
-        self._reject_conv(ctx)
-        layers = ctx.select(self.targets)
+        """Insert ``hra_transform(x, u)`` before every targeted linear layer (``hra_conv_weight(W, u)`` for a
+        Conv2d); the penalty and the folds go to ``ctx``. Default targets: linear layers only."""
+        kinds = ("linear", "addmm") if self.targets is None else ("linear", "addmm", "conv2d")
+        layers = ctx.select(self.targets, kinds, what="linear or conv2d")
         seen: set[str] = set()
         for layer in layers:
             if layer.path in seen:
@@ -159,22 +176,20 @@ class HRA(graphopt.Method):
             base = ctx.parameter(layer.weight.target)
             init = paired_init(layer.in_features, self.r, base.dtype, base.device, paired=not self.apply_gs)
             names.append(ctx.add_parameter(layer.path, "u", init))
-            insert_input_transform(ctx, layer, hra_transform, [names[-1]], apply_gs=self.apply_gs)
+            if layer.kind == "conv2d":
+                insert_weight_transform(ctx, layer, hra_conv_weight, [names[-1]], apply_gs=self.apply_gs)
+            else:
+                insert_input_transform(ctx, layer, hra_transform, [names[-1]], apply_gs=self.apply_gs)
         if self.reg_lambda:
             ctx.add_loss_term(functools.partial(_penalty, names, self.reg_lambda))
-        ctx.add_export_pass(lambda export_gm: fold_input_transforms(export_gm, hra_transform, hra_fold_weight),
-                            merge=True)
+        ctx.add_export_pass(_fold, merge=True)
         ctx.add_description(f"hra: r={self.r} on {len(layers)} layer(s): {', '.join(layer.path for layer in layers)}")
 
-    def _reject_conv(self, ctx: graphopt.MethodContext) -> None:
-        if self.targets is None:
-            return
-        patterns = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        convs = [c.path for c in ctx.layers(("conv2d",)) if any(fnmatch.fnmatchcase(c.path, p) for p in patterns)]
-        if convs:
-            raise OptionError(f"method 'hra': Conv2d layer(s) {', '.join(convs)} matched by targets={self.targets!r} "
-                              "are not supported for this method (hra adapts Linear and transformers Conv1D layers); "
-                              "narrow targets to linear layers")
+
+def _fold(gm: torch.fx.GraphModule) -> None:
+    """Export with ``merge=True``: ``W ← W R`` for every adapted layer (linear and conv)."""
+    fold_input_transforms(gm, hra_transform, hra_fold_weight)
+    fold_weight_transforms(gm, hra_conv_weight, hra_fold_weight)
 
 
 def _penalty(names: list[str], reg_lambda: float, params: Mapping[str, torch.Tensor],

@@ -15,18 +15,29 @@ effective weight ``W′ = W R_bdᵀ``, where ``R_bd = blockdiag(R_1, …, R_{in/
 Input-centric forward (the OFTv2 idea): split the last dim of ``x`` into blocks ``x_j`` of size ``b``,
 rotate each block ``x_j ← x_j R_j`` (one batched matmul over blocks), then run the frozen base layer.
 ``W′`` is never formed in training; export with ``merge=True`` folds ``W ← W R_bdᵀ``.
+
+Conv2d layers (``W (out, C/g, kh, kw)``, any stride, padding, dilation, groups): ``R_bd`` rotates each
+unfolded input patch of ``C·kh·kw`` values (channel-major, as ``F.unfold`` and PEFT lay it out), in blocks
+that lie inside one group (``b`` divides ``C/g·kh·kw``); so ``q`` has ``C·kh·kw/b`` rows, PEFT's layout, and
+filter ``o`` of group ``g`` becomes ``W′_o = W_o R_gᵀ`` (``R_g`` the group's diagonal part). Rotating the
+unfolded patches measured several times slower than forming ``W′`` in the step, so conv layers are
+adapted weight-centric (``oftv2_conv_weight``; docs/methods/oftv2.md, "Conv2d").
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 
 import torch
 
 import graphopt
 from graphopt.errors import OptionError
-from graphopt.rewrite.adapters import fold_input_transforms, insert_input_transform
+from graphopt.rewrite.adapters import (
+    fold_input_transforms,
+    fold_weight_transforms,
+    insert_input_transform,
+    insert_weight_transform,
+)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -92,13 +103,30 @@ def oftv2_transform(x: torch.Tensor, q: torch.Tensor, block_size: int, neumann_t
     return rotated.reshape(x.shape).to(x.dtype)
 
 
+def _rotate_weight(weight: torch.Tensor, q: torch.Tensor, block_size: int, neumann_terms: int, exact: str,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``W′ = W R_bdᵀ`` per group, computed in ``dtype``: each filter ``W_o`` (``in`` values, a conv filter
+    flattened channel-major) of group ``g`` becomes ``W_o R_gᵀ``; ``groups = rows(q)·b / in``."""
+    rotation = cayley_neumann(q.to(dtype), block_size, neumann_terms, exact)
+    per_filter = weight[0].numel()
+    groups = q.shape[0] * block_size // per_filter
+    blocks = weight.to(dtype).reshape(groups, weight.shape[0] // groups, per_filter // block_size, block_size)
+    rotation = rotation.reshape(groups, per_filter // block_size, block_size, block_size)
+    return torch.einsum("gojc,gjac->goja", blocks, rotation).reshape(weight.shape).to(weight.dtype)
+
+
+def oftv2_conv_weight(weight: torch.Tensor, q: torch.Tensor, block_size: int, neumann_terms: int,
+                      exact: str = "solve") -> torch.Tensor:
+    """``W′ = W R_bdᵀ`` for a conv weight ``(out, C/g, kh, kw)``, in its dtype (fp16/bf16 computed in
+    float32): the conv layers' form in training."""
+    return _rotate_weight(weight, q, block_size, neumann_terms, exact, _compute_dtype(weight.dtype))
+
+
 def oftv2_fold_weight(weight: torch.Tensor, q: torch.Tensor, block_size: int, neumann_terms: int,
                       exact: str = "solve") -> torch.Tensor:
-    """``W′ = W R_bdᵀ`` for ``W`` in ``(out, in)`` layout: ``W′[:, block j] = W[:, block j] R_jᵀ``."""
+    """``W′ = W R_bdᵀ`` for ``W`` in ``(out, in)`` layout or a conv weight (at least float32), for folding."""
     dtype = torch.promote_types(_compute_dtype(weight.dtype), torch.float32)
-    rotation = cayley_neumann(q.to(dtype), block_size, neumann_terms, exact)
-    blocks = weight.to(dtype).reshape(weight.shape[0], q.shape[0], block_size)
-    return torch.einsum("ojc,jac->oja", blocks, rotation).reshape(weight.shape).to(weight.dtype)
+    return _rotate_weight(weight, q, block_size, neumann_terms, exact, dtype)
 
 
 def _divisors(n: int) -> list[int]:
@@ -110,8 +138,8 @@ class OFTv2(graphopt.Method):
 
     ``W′ = W R_bdᵀ``, ``R_bd = blockdiag(R_j)``, ``R_j = (I + Q_j) Σ_{i=0}^{K−1} Q_j^i`` (``K = neumann_terms``;
     ``K = 0``: exact Cayley ``(I + Q_j)(I − Q_j)⁻¹``), ``Q_j = M_j − M_jᵀ`` from parameter ``oftv2_q``.
-    PEFT's ``num_cayley_neumann_terms = N`` uses ``I + 2Σ_{i=1}^{N−1} Q^i``; our ``K = N − 1`` equals that minus
-    ``Q^K`` (both are Cayley to O(‖Q‖^K)); see docs/methods/oftv2.md.
+    PEFT's (≥ 0.18) ``num_cayley_neumann_terms = N`` computes ``I + 2Σ_{i=1}^{N−2} Q^i + Q^{N−1}``, which is ours
+    with ``K = N − 1`` for ``N ≥ 4``; see docs/methods/oftv2.md.
     """
 
     name = "oftv2"
@@ -123,24 +151,11 @@ class OFTv2(graphopt.Method):
         self.check(neumann_terms >= 0, "neumann_terms",
                    "use neumann_terms >= 0 (0: exact Cayley by a solve; K >= 1: K Neumann terms)")
 
-    def _check_targets(self, ctx: graphopt.MethodContext) -> None:
-        if self.targets is None:
-            return
-        patterns = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        linear = {layer.path for layer in ctx.layers(("linear", "addmm"))}
-        convs = sorted({layer.path for layer in ctx.layers(("conv2d",))
-                        if any(fnmatch.fnmatchcase(layer.path, p) for p in patterns) and layer.path not in linear})
-        if convs:
-            raise OptionError(
-                f"method {self.name!r}: option targets={self.targets!r} selects Conv2d layer(s) {', '.join(convs)}; "
-                "oftv2 is not supported for this layer (Conv2d): target linear layers only "
-                f"(available: {', '.join(sorted(linear)) or 'none'})"
-            )
-
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
-        """Insert ``oftv2_transform(x, q)`` before every targeted linear/addmm call; add ``<path>.oftv2_q``."""
-        self._check_targets(ctx)
-        layers = ctx.select(self.targets)
+        """Insert ``oftv2_transform(x, q)`` before every targeted linear/addmm call (``oftv2_conv_weight(W, q)``
+        for a Conv2d); add ``<path>.oftv2_q``. Default targets: linear layers only."""
+        kinds = ("linear", "addmm") if self.targets is None else ("linear", "addmm", "conv2d")
+        layers = ctx.select(self.targets, kinds, what="linear or conv2d")
         b = self.block_size
         for layer in layers:
             if layer.in_features % b:
@@ -159,20 +174,30 @@ class OFTv2(graphopt.Method):
         for layer in layers:
             weight = ctx.parameter(layer.weight.target)
             dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
-            init = torch.zeros(layer.in_features // b, b * (b - 1) // 2, dtype=dtype, device=weight.device)
+            groups = layer.conv_options["groups"] if layer.kind == "conv2d" else 1
+            init = torch.zeros(groups * layer.in_features // b, b * (b - 1) // 2, dtype=dtype, device=weight.device)
             name = ctx.add_parameter(layer.path, "q", init)
-            insert_input_transform(ctx, layer, oftv2_transform, [name], block_size=b, neumann_terms=self.neumann_terms)
+            options = {"block_size": b, "neumann_terms": self.neumann_terms}
+            if layer.kind == "conv2d":
+                insert_weight_transform(ctx, layer, oftv2_conv_weight, [name], **options)
+            else:
+                insert_input_transform(ctx, layer, oftv2_transform, [name], **options)
         if self.neumann_terms == 0:
             ctx.add_inference_pass(_exact_by_elimination)
-        ctx.add_export_pass(lambda export_gm: fold_input_transforms(export_gm, oftv2_transform, oftv2_fold_weight),
-                            merge=True)
+        ctx.add_export_pass(_fold, merge=True)
 
 
 def _exact_by_elimination(gm: torch.fx.GraphModule) -> None:
     """Inference pass for ``K = 0``: the exact Cayley transform by unrolled elimination, so it exports."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is oftv2_transform:
+        if node.op == "call_function" and node.target in (oftv2_transform, oftv2_conv_weight):
             node.kwargs = {**node.kwargs, "exact": "elimination"}
+
+
+def _fold(gm: torch.fx.GraphModule) -> None:
+    """Export with ``merge=True``: ``W ← W R_bdᵀ`` for every adapted layer (linear and conv)."""
+    fold_input_transforms(gm, oftv2_transform, oftv2_fold_weight)
+    fold_weight_transforms(gm, oftv2_conv_weight, oftv2_fold_weight)
 
 
 def rotation_matrix(q: torch.Tensor, block_size: int, neumann_terms: int) -> torch.Tensor:
@@ -186,4 +211,5 @@ def graphopt_register_methods(register):
 
 
 
-__all__: Sequence[str] = ("OFTv2", "cayley_neumann", "oftv2_fold_weight", "oftv2_transform", "rotation_matrix")
+__all__: Sequence[str] = ("OFTv2", "cayley_neumann", "oftv2_conv_weight", "oftv2_fold_weight", "oftv2_transform",
+                          "rotation_matrix")

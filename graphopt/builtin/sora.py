@@ -28,7 +28,8 @@ gates) and ``m.prune()``, which removes the ranks whose gate is exactly zero, in
 ``sora_B (out,r′)``, ``sora_gate (r′,)``, the scale stays ``alpha/r``, so the outputs are unchanged; a
 layer with no active rank loses its branch. It returns the (same, pruned) model. Export with
 ``merge=True`` folds ``W ← W + (alpha/r)·B diag(g) A``; with ``merge=False`` the file holds plain LoRA
-factors ``A′ = (alpha/r)·diag(g)A`` and ``B′`` on the active ranks only, no gate.
+factors ``A′ = (alpha/r)·diag(g)A`` and ``B′`` on the active ranks only, no gate (``lora``'s branch). The
+factors' init and the plain branch are ``graphopt.builtin.lora``'s.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from collections.abc import Mapping
 import torch
 
 import graphopt
+from graphopt.builtin.lora import lora_delta, lora_factors
 from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta, remove_output_delta
 from graphopt.rewrite.meta import layer_path
 
@@ -56,11 +58,6 @@ def sora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: torch.Te
 def sora_fold_delta(A: torch.Tensor, B: torch.Tensor, gate: torch.Tensor, scale: float) -> torch.Tensor:
     """The branch as a weight delta ``scale · B diag(g) A`` in ``(out, in)`` layout."""
     return (B * (gate * scale)) @ A
-
-
-def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """The exported unmerged branch ``(x A′ᵀ) B′ᵀ``, with ``A′ = scale·diag(g)A`` restricted to active ranks."""
-    return (x @ A.t()) @ B.t()
 
 
 def soft_threshold(value: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -123,14 +120,11 @@ class SoRA(graphopt.Method):
         """A gated branch on every targeted layer; the proximal gate step, ξ, export, ``prune`` to ``ctx``."""
         gates = []
         for layer in ctx.select(self.targets):
-            weight = ctx.parameter(layer.weight.target)
-            factory = {"dtype": weight.dtype, "device": weight.device}
-            a = torch.empty(self.r, layer.in_features, **factory)
-            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # LoRA's init: U(−1/√in, 1/√in)
+            a, b = lora_factors(layer, self.r, ctx.parameter(layer.weight.target))  # LoRA's init (lora.py)
             names = [
                 ctx.add_parameter(layer.path, "A", a),
-                ctx.add_parameter(layer.path, "B", torch.zeros(layer.out_features, self.r, **factory)),
-                ctx.add_parameter(layer.path, "gate", torch.ones(self.r, **factory)),
+                ctx.add_parameter(layer.path, "B", b),
+                ctx.add_parameter(layer.path, "gate", torch.ones_like(a[:, 0])),
             ]
             gates.append(names[2])
             insert_output_delta(ctx, layer, sora_delta, names, scale=self.alpha / self.r)
@@ -164,7 +158,7 @@ def _unmerged(gm: torch.fx.GraphModule) -> None:
         for attr_node, value in ((a_node, (A * scaled[:, None])[active]), (b_node, B[:, active])):
             owner, _, attr = attr_node.target.rpartition(".")
             setattr(gm.get_submodule(owner), attr, torch.nn.Parameter(value.clone(), requires_grad=False))
-        node.target, node.args, node.kwargs = lora_delta, (x, a_node, b_node), {}
+        node.target, node.args, node.kwargs = lora_delta, (x, a_node, b_node), {"scale": 1.0}
     gm.graph.eliminate_dead_code()
     gm.recompile()
 

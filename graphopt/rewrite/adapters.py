@@ -5,7 +5,9 @@ An *input transform* ``x ← fn(x, *params)`` (HRA, OFTv2) acts on the last dim 
 linear layer ``y = x Wᵀ + b`` then computes ``y = fn(x) Wᵀ + b``, and folding replaces ``W`` by
 ``fold_weight(W, *params)`` (``W`` always in ``(out, in)`` layout; ``addmm`` weights stored ``(in, out)``
 are transposed for you). An *output delta* ``y ← y + fn(x, *params)`` (LoRA-style branches) folds to
-``W + fold_delta(*params)``. The node's target is the plain Python function, so the graph reads
+``W + fold_delta(*params)``. A *weight transform* ``W ← fn(W, *params)`` (HRA and OFTv2 on Conv2d, where
+the input-centric form would need the unfolded patches) makes the layer read ``fn``'s result as its
+weight; folding evaluates it once. The node's target is the plain Python function, so the graph reads
 ``hra_transform(x, fc1_hra_u)``, and make_fx / torch.export trace through it into aten ops.
 """
 
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from graphopt.errors import ExportError
 from graphopt.rewrite.layers import LayerCall
 from graphopt.rewrite.meta import set_layer_path
 
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 
 aten = torch.ops.aten
 _INPUT_INDEX = {"linear": 0, "conv2d": 0, "addmm": 1}
+_WEIGHT_INDEX = {"linear": 1, "conv2d": 1, "addmm": 2}
 
 
 def _copy_layer_meta(node: torch.fx.Node, layer: LayerCall) -> None:
@@ -45,11 +49,32 @@ def insert_input_transform(ctx: MethodContext, layer: LayerCall, fn: Callable[..
     return node
 
 
+def insert_weight_transform(ctx: MethodContext, layer: LayerCall, fn: Callable[..., Any],
+                            param_names: Sequence[str], **kwargs: Any) -> torch.fx.Node:
+    """Insert ``fn(W, *params, **kwargs)`` before ``layer`` and make the layer read its result as its weight."""
+    graph = ctx.graph_module.graph
+    index = _WEIGHT_INDEX[layer.kind]
+    params = [ctx.get_attr(name, layer.node) for name in param_names]
+    with graph.inserting_before(layer.node):
+        node = graph.call_function(fn, (layer.weight, *params), kwargs)
+    _copy_layer_meta(node, layer)
+    layer.node.update_arg(index, node)
+    return node
+
+
 def insert_output_delta(ctx: MethodContext, layer: LayerCall, fn: Callable[..., Any],
-                        param_names: Sequence[str], **kwargs: Any) -> torch.fx.Node:
-    """Replace the layer's output ``y`` by ``y + fn(x, *params, **kwargs)``; returns the ``fn`` node."""
+                        param_names: Sequence[str], dropout: float = 0.0, **kwargs: Any) -> torch.fx.Node:
+    """Replace the layer's output ``y`` by ``y + fn(x, *params, **kwargs)``; returns the ``fn`` node.
+
+    ``dropout > 0``: the branch reads ``aten.dropout(x, dropout, train=True)`` instead of ``x`` (the layer
+    itself reads ``x``); the inference graph turns it off like every dropout of the model.
+    """
     graph = ctx.graph_module.graph
     source = layer.node.args[_INPUT_INDEX[layer.kind]]
+    if dropout:
+        with graph.inserting_before(layer.node):
+            source = graph.call_function(aten.dropout.default, (source, float(dropout), True))
+        _copy_layer_meta(source, layer)
     params = [ctx.get_attr(name, layer.node) for name in param_names]
     with graph.inserting_after(layer.node):
         delta = graph.call_function(fn, (source, *params), kwargs)
@@ -69,10 +94,13 @@ def remove_output_delta(gm: torch.fx.GraphModule, delta: torch.fx.Node) -> list[
     total.replace_all_uses_with(layer_node)
     gm.graph.erase_node(total)
     param_nodes = [a for a in delta.args[1:] if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+    source = delta.args[0]
     gm.graph.erase_node(delta)
     for node in param_nodes:
         if not node.users:
             gm.graph.erase_node(node)
+    if isinstance(source, torch.fx.Node) and source.target is aten.dropout.default and not source.users:
+        gm.graph.erase_node(source)  # the branch's own dropout (impure: dead-code elimination keeps it)
     return [node.target for node in param_nodes]
 
 
@@ -81,8 +109,19 @@ def _attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
+def _refuse_tied(gm: torch.fx.GraphModule, target: str, readers: set[torch.fx.Node]) -> None:
+    """Folding changes the tensor ``target`` for every node that reads it: only ``readers`` may."""
+    others = [u.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == target
+              for u in n.users if u not in readers]
+    if others:
+        raise ExportError(f"cannot fold the adapter into {target}: the tensor is also read by {', '.join(others)} "
+                          "(tied weights, e.g. an LM head and its embedding); exclude the layer from targets or "
+                          "export with merge=False")
+
+
 def _set_weight(gm: torch.fx.GraphModule, layer_node: torch.fx.Node, kind: str, weight_out_in: torch.Tensor) -> None:
     weight_node = layer_node.args[2] if kind == "addmm" else layer_node.args[1]
+    _refuse_tied(gm, weight_node.target, {layer_node})
     owner, _, name = weight_node.target.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
     old = getattr(module, name)
@@ -112,6 +151,30 @@ def fold_input_transforms(gm: torch.fx.GraphModule, fn: Callable[..., Any],
             with torch.no_grad():
                 _set_weight(gm, user, kind, fold_weight(_weight_out_in(gm, user, kind), *params, **node.kwargs))
         node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        count += 1
+    gm.recompile()
+    return count
+
+
+def fold_weight_transforms(gm: torch.fx.GraphModule, fn: Callable[..., Any],
+                           fold_weight: Callable[..., torch.Tensor] | None = None) -> int:
+    """Fold every ``fn`` weight-transform node: ``W ← fold_weight(W, *params, **kwargs)`` (default ``fn``
+    itself, in the weight's own layout); the layer reads ``W`` again. Returns the count."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not fn:
+            continue
+        weight_node = node.args[0]
+        _refuse_tied(gm, weight_node.target, {node})
+        params = [_attr(gm, p).detach() for p in node.args[1:]]
+        owner, _, name = weight_node.target.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        old = getattr(module, name)
+        with torch.no_grad():
+            value = (fold_weight or fn)(old.detach(), *params, **node.kwargs)
+        setattr(module, name, torch.nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=False))
+        node.replace_all_uses_with(weight_node)
         gm.graph.erase_node(node)
         count += 1
     gm.recompile()

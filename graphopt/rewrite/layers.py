@@ -47,6 +47,14 @@ class LayerCall:
     def out_features(self) -> int:
         return self.weight_shape[1] if self.kind == "addmm" else self.weight_shape[0]
 
+    @property
+    def conv_options(self) -> dict[str, object]:
+        """``stride``, ``padding``, ``dilation``, ``groups`` of a conv2d call (aten's defaults where omitted)."""
+        names = ("stride", "padding", "dilation", "groups")
+        defaults = ([1, 1], [0, 0], [1, 1], 1)
+        given = self.node.args[3:7]
+        return {n: (given[i] if i < len(given) else d) for i, (n, d) in enumerate(zip(names, defaults))}
+
 
 def _attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":

@@ -1,5 +1,5 @@
 """Copies of a captured graph that share its parameters: plain (step variants), and the inference form
-(dropout off, batch norm on running statistics).
+(dropout off — attention dropout too —, batch norm on running statistics).
 
 ``torch.export`` records the training-mode ops (``aten.dropout(x, p, train=True)``,
 ``aten.batch_norm(..., training=True, ...)``, and attention dropout as the ``dropout_p`` of
