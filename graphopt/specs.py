@@ -62,8 +62,9 @@ def normalise_spec(spec: MethodSpec) -> tuple[str, dict[str, Any]]:
 
 def resolve_methods(specs: Iterable[MethodSpec], registry: Mapping[str, type[Method]]) -> list[Method]:
     """Build validated method instances from specs, looking names up in ``registry``."""
-    if isinstance(specs, (str, tuple)):
-        specs = [specs]
+    if isinstance(specs, (str, Method)) or (isinstance(specs, tuple) and len(specs) == 2 and isinstance(specs[0], str)
+                                             and isinstance(specs[1], Mapping)):
+        specs = [specs]  # one spec rather than a sequence of them
     methods: list[Method] = []
     for spec in specs:
         if isinstance(spec, Method):
