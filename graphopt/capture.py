@@ -34,6 +34,7 @@ from graphopt.inputs import CallInputs, Dims, Key, at_least_two, normalise_dynam
 from graphopt.plugins import get_plugin_manager
 from graphopt.progress import logger
 from graphopt.rewrite.meta import set_capture_info
+from graphopt.rewrite.normalise import normalise
 
 
 def export_dynamic_shapes(forward: Any, inputs: CallInputs, dims: Dims, dim: Any = None) -> Any:
@@ -112,6 +113,7 @@ def capture(model: nn.Module, inputs: CallInputs | tuple[Any, ...], dims: Dims |
         exported = torch.export.export(model, example.args, example.kwargs or None, strict=False,
                                        dynamic_shapes=export_dynamic_shapes(model.forward, example, dims))
         gm = exported.module()
+        normalise(gm)
         kept = kept_dynamic(gm, inputs, dims)
         for key, wanted in dims.items():
             lost = [d for d in wanted if d not in kept.get(key, ())]
@@ -134,6 +136,7 @@ def capture(model: nn.Module, inputs: CallInputs | tuple[Any, ...], dims: Dims |
                 "instead of `if tensor:`) or register a graphopt_capture plugin."
             ) from trace_error
         normalise_module_calls(gm)
+        normalise(gm)
         set_capture_info(gm, "symbolic_trace", dims, f"{type(export_error).__name__}: {_first_line(export_error)}")
         return gm
 

@@ -4,6 +4,8 @@ With ``merge=True`` the methods' export passes fold their nodes into plain weigh
 holds a plain model; with ``merge=False`` they leave their compact form (``CompiledModel.export_graph``).
 Every file is checked: ONNX with ``onnx.checker`` and onnxruntime against PyTorch (max abs difference
 over ``atol`` is an error), ``.pt2`` by loading it back and running it.
+ONNX files are written by the first exporter path that works (``graphopt.export_fallbacks``: dynamo, dynamo
+with contiguous views, TorchScript); the report names it.
 The batch dimension (dim 0 of every tensor input) is dynamic in ``.onnx`` and ``.pt2``; more dynamic
 dims (a sequence length) come from ``graphopt.compile(..., dynamic_dims=...)`` (kept with the captured
 graph) or from ``export(..., dynamic_dims=...)`` (same format: one entry per positional input, dim
@@ -25,8 +27,8 @@ from torch.utils import _pytree as pytree
 
 from graphopt.capture import bound_tensors, export_dynamic_shapes, kept_dynamic
 from graphopt.errors import ExportError
+from graphopt.export_fallbacks import export_onnx_file
 from graphopt.inputs import CallInputs, Dims, DynamicDims, grown, normalise_dynamic_dims
-from graphopt.quiet import quiet_torch_internals
 
 FORMATS = (".onnx", ".pt2", ".py")
 
@@ -39,10 +41,12 @@ class ExportReport:
     format: str
     max_abs_diff: float | None
     checked_shapes: tuple[tuple[tuple[int, ...] | None, ...], ...] = ()  # input shapes the file was run on
+    exporter: str | None = None  # ONNX: the exporter path that wrote the file (graphopt.export_fallbacks)
 
     def __str__(self) -> str:
         diff = "" if self.max_abs_diff is None else f", max |Δ| vs PyTorch = {self.max_abs_diff:.3g}"
-        return f"wrote {self.path} ({self.format}{diff})"
+        by = f", by the {self.exporter} exporter" if self.exporter else ""
+        return f"wrote {self.path} ({self.format}{diff}{by})"
 
 
 def export(model: Any, path: str | os.PathLike[str],
@@ -143,12 +147,7 @@ def _export_onnx(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expec
     batch = torch.export.Dim("batch")  # one name for every input's dim 0; other dims are inferred (AUTO)
     dynamic = export_dynamic_shapes(gm.forward, inputs, dims,
                                     lambda key, d: batch if d == 0 else torch.export.Dim.AUTO)
-    try:
-        with quiet_torch_internals():
-            torch.onnx.export(gm, inputs.args, str(path), kwargs=inputs.kwargs or None, dynamo=True,
-                              dynamic_shapes=dynamic, custom_translation_table=translations or None, verbose=False)
-    except Exception as err:
-        raise ExportError(f"torch.onnx.export failed for {path}: {type(err).__name__}: {err}") from err
+    exporter = export_onnx_file(gm, path, inputs, dynamic, translations, dims)
     onnx.checker.check_model(str(path))
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -173,4 +172,4 @@ def _export_onnx(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expec
         diff = max(diff, _max_diff(more_expected, run(more)))
         checked.append(_shapes(more))
     _check(diff, atol, path)
-    return ExportReport(path, "onnx", diff, tuple(checked))
+    return ExportReport(path, "onnx", diff, tuple(checked), exporter)

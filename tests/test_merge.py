@@ -129,11 +129,18 @@ def test_adapter_state_dict_round_trip_and_errors() -> None:
     other.load_adapter_state_dict({key: copy.deepcopy(state[key])}, strict=False)
 
 
-def test_folding_into_a_tied_weight_is_refused() -> None:
-    """GPT-2's lm_head shares its weight with the token embedding: folding an adapter into it would change
-    the embedding too, so merge=True (and merged_module) refuse it; the unmerged model is right."""
+def test_folding_into_a_tied_weight_unties_it_in_export_and_merged_module_refuses() -> None:
+    """GPT-2's lm_head shares its weight with the token embedding. merge=True folds the adapter into the LM
+    head only (the embedding keeps reading the original tensor under its own name), so the merged graph equals
+    the unmerged one; merged_module refuses, as GPT-2's class ties the two and cannot hold both."""
     m = compile_eager(hf_gpt2(), ["lora(r=4, targets='lm_head')"])
     randomise(m)
-    with pytest.raises(graphopt.ExportError, match=r"cannot fold the adapter into lm_head\.weight.*embedding"):
+    merged, unmerged = m.export_graph(merge=True), m.export_graph(merge=False)
+    assert not [n for n, _ in merged.named_parameters() if "lora" in n]
+    with torch.no_grad():
+        expected, actual = unmerged(TOKENS).logits, merged(TOKENS).logits
+        plain = m.eval()(TOKENS).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(actual, plain, rtol=0, atol=1e-5)
+    with pytest.raises(graphopt.GraphoptError, match=r"ties .*lm_head\.weight.*exclude that layer from targets"):
         m.merged_module()
-    assert m.export_graph(merge=False) is not None

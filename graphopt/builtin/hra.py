@@ -49,6 +49,7 @@ from graphopt.rewrite.adapters import (
     fold_weight_transforms,
     insert_input_transform,
     insert_weight_transform,
+    weight_groups,
 )
 
 
@@ -159,31 +160,29 @@ class HRA(graphopt.Method):
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
         """Insert ``hra_transform(x, u)`` before every targeted linear layer (``hra_conv_weight(W, u)`` for a
         Conv2d); the penalty and the folds go to ``ctx``. Default targets: linear layers only."""
-        kinds = ("linear", "addmm") if self.targets is None else ("linear", "addmm", "conv2d")
+        kinds = ("linear", "addmm") if self.targets is None else ("linear", "addmm", "conv2d", "conv1d")
         layers = ctx.select(self.targets, kinds, what="linear or conv2d")
-        seen: set[str] = set()
         for layer in layers:
-            if layer.path in seen:
-                raise OptionError(f"method 'hra': layer {layer.path!r} is called more than once (shared weight); "
-                                  "hra adapts each weight once: exclude it from targets")
-            seen.add(layer.path)
             if self.r > layer.in_features:
                 raise OptionError(f"method 'hra': option r={self.r} is larger than in_features="
                                   f"{layer.in_features} of layer {layer.path!r}; use r <= {layer.in_features} "
                                   "or exclude the layer from targets")
         names = []
-        for layer in layers:
+        for calls in weight_groups(ctx, layers):  # a shared weight: one adapter, applied at every call
+            layer = calls[0]
             base = ctx.parameter(layer.weight.target)
             init = paired_init(layer.in_features, self.r, base.dtype, base.device, paired=not self.apply_gs)
             names.append(ctx.add_parameter(layer.path, "u", init))
-            if layer.kind == "conv2d":
-                insert_weight_transform(ctx, layer, hra_conv_weight, [names[-1]], apply_gs=self.apply_gs)
-            else:
-                insert_input_transform(ctx, layer, hra_transform, [names[-1]], apply_gs=self.apply_gs)
+            for call in calls:
+                if call.kind in ("conv2d", "conv1d"):
+                    insert_weight_transform(ctx, call, hra_conv_weight, [names[-1]], apply_gs=self.apply_gs)
+                else:
+                    insert_input_transform(ctx, call, hra_transform, [names[-1]], apply_gs=self.apply_gs)
         if self.reg_lambda:
             ctx.add_loss_term(functools.partial(_penalty, names, self.reg_lambda))
         ctx.add_export_pass(_fold, merge=True)
-        ctx.add_description(f"hra: r={self.r} on {len(layers)} layer(s): {', '.join(layer.path for layer in layers)}")
+        ctx.add_description(f"hra: r={self.r} on {len(names)} weight(s): "
+                            f"{', '.join(dict.fromkeys(layer.path for layer in layers))}")
 
 
 def _fold(gm: torch.fx.GraphModule) -> None:

@@ -23,8 +23,7 @@ import math
 import torch
 
 import graphopt
-from graphopt.errors import OptionError
-from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta
+from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta, weight_groups
 from graphopt.rewrite.layers import LayerCall
 
 
@@ -74,16 +73,13 @@ class LoRA(graphopt.Method):
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
         """A branch on every targeted layer; the fold to ``ctx``."""
         layers = ctx.select(self.targets)
-        paths = [layer.path for layer in layers]
-        shared = sorted({p for p in paths if paths.count(p) > 1})
-        if shared:
-            raise OptionError(f"method 'lora': layer(s) {', '.join(shared)} are called more than once (shared "
-                              "weights); a folded branch would be added once per call: exclude them with targets=")
+        paths = list(dict.fromkeys(layer.path for layer in layers))
         scale = lora_scale(self.r, self.alpha, self.use_rslora)
-        for layer in layers:
-            a, b = lora_factors(layer, self.r, ctx.parameter(layer.weight.target))
-            names = [ctx.add_parameter(layer.path, "A", a), ctx.add_parameter(layer.path, "B", b)]
-            insert_output_delta(ctx, layer, lora_delta, names, dropout=self.dropout, scale=scale)
+        for calls in weight_groups(ctx, layers):  # a shared weight: one branch, added at every call, folded once
+            a, b = lora_factors(calls[0], self.r, ctx.parameter(calls[0].weight.target))
+            names = [ctx.add_parameter(calls[0].path, "A", a), ctx.add_parameter(calls[0].path, "B", b)]
+            for call in calls:
+                insert_output_delta(ctx, call, lora_delta, names, dropout=self.dropout, scale=scale)
         ctx.add_export_pass(lambda export_gm: fold_output_deltas(export_gm, lora_delta, lora_fold_delta), merge=True)
         ctx.add_description(f"lora: r={self.r}, scale={scale:g} on {len(layers)} layer(s): {', '.join(paths)}")
 

@@ -37,6 +37,7 @@ from graphopt.rewrite.adapters import (
     fold_weight_transforms,
     insert_input_transform,
     insert_weight_transform,
+    weight_groups,
 )
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -154,7 +155,7 @@ class OFTv2(graphopt.Method):
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
         """Insert ``oftv2_transform(x, q)`` before every targeted linear/addmm call (``oftv2_conv_weight(W, q)``
         for a Conv2d); add ``<path>.oftv2_q``. Default targets: linear layers only."""
-        kinds = ("linear", "addmm") if self.targets is None else ("linear", "addmm", "conv2d")
+        kinds = ("linear", "addmm") if self.targets is None else ("linear", "addmm", "conv2d", "conv1d")
         layers = ctx.select(self.targets, kinds, what="linear or conv2d")
         b = self.block_size
         for layer in layers:
@@ -164,24 +165,19 @@ class OFTv2(graphopt.Method):
                     f"method {self.name!r}: option block_size={b} does not divide in_features={layer.in_features} "
                     f"of layer {layer.path!r}; block sizes that divide it: {sizes}"
                 )
-        calls = [layer.path for layer in layers]
-        shared = sorted({path for path in calls if calls.count(path) > 1})
-        if shared:
-            raise OptionError(
-                f"method {self.name!r}: layer(s) {', '.join(shared)} are called more than once (shared weights); "
-                "oftv2 cannot fold one rotation into a weight used by several calls: exclude them with targets="
-            )
-        for layer in layers:
+        for calls in weight_groups(ctx, layers):  # a shared weight: one rotation, applied at every call
+            layer = calls[0]
             weight = ctx.parameter(layer.weight.target)
             dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
-            groups = layer.conv_options["groups"] if layer.kind == "conv2d" else 1
+            groups = layer.conv_options["groups"] if layer.kind in ("conv2d", "conv1d") else 1
             init = torch.zeros(groups * layer.in_features // b, b * (b - 1) // 2, dtype=dtype, device=weight.device)
             name = ctx.add_parameter(layer.path, "q", init)
             options = {"block_size": b, "neumann_terms": self.neumann_terms}
-            if layer.kind == "conv2d":
-                insert_weight_transform(ctx, layer, oftv2_conv_weight, [name], **options)
-            else:
-                insert_input_transform(ctx, layer, oftv2_transform, [name], **options)
+            for call in calls:
+                if call.kind in ("conv2d", "conv1d"):
+                    insert_weight_transform(ctx, call, oftv2_conv_weight, [name], **options)
+                else:
+                    insert_input_transform(ctx, call, oftv2_transform, [name], **options)
         if self.neumann_terms == 0:
             ctx.add_inference_pass(_exact_by_elimination)
         ctx.add_export_pass(_fold, merge=True)

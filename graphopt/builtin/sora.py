@@ -42,7 +42,7 @@ import torch
 
 import graphopt
 from graphopt.builtin.lora import lora_delta, lora_factors
-from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta, remove_output_delta
+from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta, remove_output_delta, weight_groups
 from graphopt.rewrite.meta import layer_path
 
 SCHEDULES = ("linear", "log-linear", "exp")
@@ -119,7 +119,8 @@ class SoRA(graphopt.Method):
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
         """A gated branch on every targeted layer; the proximal gate step, ξ, export, ``prune`` to ``ctx``."""
         gates = []
-        for layer in ctx.select(self.targets):
+        for calls in weight_groups(ctx, ctx.select(self.targets)):  # a shared weight: one gated branch
+            layer = calls[0]
             a, b = lora_factors(layer, self.r, ctx.parameter(layer.weight.target))  # LoRA's init (lora.py)
             names = [
                 ctx.add_parameter(layer.path, "A", a),
@@ -127,7 +128,8 @@ class SoRA(graphopt.Method):
                 ctx.add_parameter(layer.path, "gate", torch.ones_like(a[:, 0])),
             ]
             gates.append(names[2])
-            insert_output_delta(ctx, layer, sora_delta, names, scale=self.alpha / self.r)
+            for call in calls:
+                insert_output_delta(ctx, call, sora_delta, names, scale=self.alpha / self.r)
         xi = ctx.add_hyperparameter("sparse_lambda", functools.partial(
             lambda_at, sparse_lambda=self.sparse_lambda, schedule=self.lambda_schedule, max_lambda=self.max_lambda,
             lambda_steps=self.lambda_steps))
@@ -147,8 +149,13 @@ def _proximal_gate_step(xi: str, gate: torch.Tensor, hyper: Mapping[str, torch.T
 def _unmerged(gm: torch.fx.GraphModule) -> None:
     """Export with ``merge=False``: plain LoRA factors ``A′ = scale·diag(g)A`` and ``B′`` on the active
     ranks (``g ≠ 0``), so the file holds no gate and no inactive rank (one zero rank if none is active)."""
+    done: dict[str, torch.Tensor] = {}  # a shared weight's branch (one per call) is rewritten once
     for node in _branches(gm):
         x, a_node, b_node, gate_node = node.args
+        if a_node.target in done:
+            node.target, node.args, node.kwargs = lora_delta, (x, a_node, b_node), {"scale": 1.0}
+            continue
+        done[a_node.target] = gate_node
         A, B, gate = (gm.get_parameter(n.target).detach() for n in (a_node, b_node, gate_node))
         active = gate != 0
         if not bool(active.any()):
@@ -187,15 +194,21 @@ def prune(ctx: graphopt.MethodContext, r: int, removed: dict[str, int]) -> None:
     parameters. The scale stays ``alpha/r``: outputs are unchanged.
     """
     gm = ctx.graph_module
+    seen: set[tuple[str, ...]] = set()  # a shared weight's branch (one node per call) is pruned once
     for node in _branches(gm):
         attrs = [a.target for a in node.args[1:4]]
+        if tuple(attrs) in seen:
+            continue
+        seen.add(tuple(attrs))
         gate = ctx.parameter(attrs[2]).detach()
         keep = torch.nonzero(gate != 0).flatten()
         if keep.numel() == gate.numel():
             continue
         if keep.numel() == 0:
             path = layer_path(node)
-            for name in remove_output_delta(gm, node):
+            calls = [n for n in _branches(gm) if [a.target for a in n.args[1:4]] == attrs]  # every call of it
+            names = [name for call in calls for name in remove_output_delta(gm, call)]
+            for name in dict.fromkeys(names):
                 ctx.remove_parameter(name)
             removed[path] = r
             continue

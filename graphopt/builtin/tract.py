@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.errors import OptionError
-from graphopt.rewrite.layers import module_types
+from graphopt.rewrite.layers import call_path, module_types
 from graphopt.rewrite.meta import set_layer_path
 
 aten = torch.ops.aten
@@ -202,6 +202,14 @@ _TRACT_OPS = {torch.ops.graphopt.tract_linear.default: aten.linear.default,
               torch.ops.graphopt.tract_conv2d.default: aten.conv2d.default}
 
 
+_KINDS = ("linear", "conv2d", "conv1d")
+
+
+def _unsqueezed(gm: torch.fx.GraphModule, before: torch.fx.Node, value: torch.fx.Node, dim: int) -> torch.fx.Node:
+    with gm.graph.inserting_before(before):
+        return gm.graph.call_function(aten.unsqueeze.default, (value, dim))
+
+
 def _pair(value: Any) -> list[int]:
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     return values * 2 if len(values) == 1 else values
@@ -213,9 +221,10 @@ class _WeightedCall(NamedTuple):
 
 
 def _first_weighted_call(gm: torch.fx.GraphModule) -> _WeightedCall | None:
-    """The first call in execution order that reads a parameter matrix (≥ 2 dims): the model's first layer,
-    whatever its kind (a Linear, a Conv2d, an embedding lookup, a Conv1D ``addmm``)."""
-    params = dict(gm.named_parameters())
+    """The first call in execution order that reads a parameter matrix (≥ 2 dims) under any of its names (a
+    tied weight has several): the model's first layer, whatever its kind (a Linear, a Conv2d, an embedding
+    lookup, a Conv1D ``addmm``), named by the module that runs it."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -223,7 +232,7 @@ def _first_weighted_call(gm: torch.fx.GraphModule) -> _WeightedCall | None:
             if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
                 weight = params.get(arg.target)
                 if weight is not None and weight.dim() >= 2:
-                    return _WeightedCall(node, arg.target.rpartition(".")[0])
+                    return _WeightedCall(node, call_path(gm, node, arg))
     return None
 
 
@@ -245,21 +254,21 @@ class TrAct(graphopt.Method):
 
     def _target_path(self, ctx: graphopt.MethodContext) -> str:
         gm = ctx.graph_module
-        layers = ctx.layers(("linear", "conv2d"))
+        layers = ctx.layers(_KINDS)
         if self.layer is None:
             if not layers:
                 raise OptionError(
-                    "method 'tract': the model has no Conv2d or Linear layer to rewrite (embeddings, for example, "
-                    "are not Conv/Linear); name the layer to precondition with layer='<module path>' (it must be "
-                    "a Conv2d or Linear called on a module weight)")
+                    "method 'tract': the model has no Conv2d or Linear layer (nor a Conv1d) to rewrite (embeddings, "
+                    "for example, are not Conv/Linear); name the layer to precondition with layer='<module path>' "
+                    "(it must be a Conv2d, Conv1d or Linear called on a module weight)")
             first = _first_weighted_call(gm)
             if first is not None and first.node is not layers[0].node:
                 available = ", ".join(dict.fromkeys(layer.path for layer in layers))
                 raise OptionError(
                     f"method 'tract': the first layer in execution order is {first.path!r} "
-                    f"({first.node.target}), which is not a Conv2d or Linear layer (an embedding, for example, "
+                    f"({first.node.target}), which is not a Conv2d, Conv1d or Linear layer (an embedding, for example, "
                     f"has no input rows to precondition); name the layer with layer='<module path>'; "
-                    f"the Conv2d/Linear layers are: {available}")
+                    f"the Conv1d/Conv2d/Linear layers are: {available}")
             return layers[0].path
         if any(layer.path == self.layer for layer in layers):
             return self.layer
@@ -270,20 +279,19 @@ class TrAct(graphopt.Method):
             kind = "an addmm layer (weight stored (in, out), e.g. transformers' Conv1D)"
         if kind is not None:
             raise OptionError(
-                f"method 'tract': option layer={self.layer!r} is {kind}, not a Conv2d or Linear layer; "
-                f"the Conv2d/Linear layers are: {available}")
+                f"method 'tract': option layer={self.layer!r} is {kind}, not a Conv2d or Linear layer (nor a Conv1d); "
+                f"the Conv1d/Conv2d/Linear layers are: {available}")
         raise OptionError(
             f"method 'tract': option layer={self.layer!r} names no layer of the model; "
-            f"the Conv2d/Linear layers are: {available}")
+            f"the Conv1d/Conv2d/Linear layers are: {available}")
 
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
         """Replace every call of the chosen layer by ``graphopt::tract_linear`` / ``graphopt::tract_conv2d``;
         export puts the plain layer back (``merge=True``) or translates the op to plain ONNX (``merge=False``)."""
         path = self._target_path(ctx)
         lam = float(self.lam)
-        for layer in ctx.layers(("linear", "conv2d")):
-            if layer.path != path:
-                continue
+        calls = [layer for layer in ctx.layers(_KINDS) if layer.path == path]
+        for layer in calls:
             node = layer.node
             x, weight = node.args[:2]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -293,11 +301,26 @@ class TrAct(graphopt.Method):
                 defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
                 conf = [node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(k, d)
                         for i, (k, d) in enumerate(defaults.items())]
+                if layer.kind == "conv1d":  # as a conv2d over (1, L) images: the same rows, the same formula
+                    x, weight = _unsqueezed(gm, node, x, 2), _unsqueezed(gm, node, weight, 2)
+                    (s,), (p,), (d,) = (_pair(v)[:1] for v in conf[:3])
+                    conf = [[1, s], [0, p], [1, d], conf[3]]
                 stride, padding, dilation = (_pair(v) for v in conf[:3])
                 node.target = torch.ops.graphopt.tract_conv2d.default
                 node.args = (x, weight, bias, stride, padding, dilation, int(conf[3]), lam)
+                if layer.kind == "conv1d":
+                    with gm.graph.inserting_after(node):
+                        squeezed = gm.graph.call_function(aten.squeeze.dim, (node, 2))
+                    node.replace_all_uses_with(squeezed, delete_user_cb=lambda user, keep=squeezed: user is not keep)
             node.kwargs = {}
             set_layer_path(node, path)
+        readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == calls[0].weight.target]
+        uses = sum(len(n.users) for n in readers)
+        if len(calls) > 1 or uses > len(calls):
+            ctx.add_description(
+                f"tract: {path}'s weight is used {uses} times ({len(calls)} call(s) of the layer); each call's weight "
+                "gradient is preconditioned with that call's own input rows, and the weight's gradient is the sum "
+                "over its uses (other uses, e.g. a tied embedding, add their plain gradient)")
         ctx.add_export_pass(_plain_layers, merge=True)
         ctx.add_onnx_translation(torch.ops.graphopt.tract_linear.default, _onnx_linear)
         ctx.add_onnx_translation(torch.ops.graphopt.tract_conv2d.default, _onnx_conv2d)

@@ -95,6 +95,12 @@ def merged_module(merged_graph: torch.fx.GraphModule, structure: Structure, exam
         if source is None:
             raise GraphoptError(f"merged_module: {names[0]} of {type(module).__name__} is not in the captured "
                                 "graph, so its value is unknown")
+        present = [n for n in names if n in values]
+        if any(not torch.equal(values[present[0]], values[n]) for n in present[1:]):
+            raise GraphoptError(f"merged_module: {type(module).__name__} ties {', '.join(present)} (one tensor), but "
+                                "an adapter was folded into only one of them (export unties them so the file is "
+                                "right); a plain module of this class cannot hold both: exclude that layer from "
+                                "targets, or use graphopt.export")
         value = values[source].detach().clone()
         template = templates[key]
         if isinstance(template, nn.Parameter):

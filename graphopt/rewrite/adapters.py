@@ -26,8 +26,17 @@ if TYPE_CHECKING:
     from graphopt.context import MethodContext
 
 aten = torch.ops.aten
-_INPUT_INDEX = {"linear": 0, "conv2d": 0, "addmm": 1}
-_WEIGHT_INDEX = {"linear": 1, "conv2d": 1, "addmm": 2}
+_INPUT_INDEX = {"linear": 0, "conv2d": 0, "conv1d": 0, "addmm": 1}
+_WEIGHT_INDEX = {"linear": 1, "conv2d": 1, "conv1d": 1, "addmm": 2}
+
+
+def weight_groups(ctx: MethodContext, layers: Sequence[LayerCall]) -> list[list[LayerCall]]:
+    """``layers`` grouped by the weight tensor they read, in order of first call: a layer called several times
+    (ALBERT's shared layer) or two layers tied to one weight get one adapter, applied at every call."""
+    groups: dict[int, list[LayerCall]] = {}
+    for layer in layers:
+        groups.setdefault(id(ctx.parameter(layer.weight.target)), []).append(layer)
+    return list(groups.values())
 
 
 def _copy_layer_meta(node: torch.fx.Node, layer: LayerCall) -> None:
@@ -109,50 +118,86 @@ def _attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def _refuse_tied(gm: torch.fx.GraphModule, target: str, readers: set[torch.fx.Node]) -> None:
-    """Folding changes the tensor ``target`` for every node that reads it: only ``readers`` may."""
-    others = [u.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == target
-              for u in n.users if u not in readers]
-    if others:
-        raise ExportError(f"cannot fold the adapter into {target}: the tensor is also read by {', '.join(others)} "
-                          "(tied weights, e.g. an LM head and its embedding); exclude the layer from targets or "
-                          "export with merge=False")
+def _untie(gm: torch.fx.GraphModule, target: str, readers: set[torch.fx.Node]) -> None:
+    """Folding replaces the tensor ``target`` for every node that reads it under that name: only ``readers``
+    (every call of the adapted layer) may. Another reader of a tied weight (an embedding reading the LM
+    head's weight) is moved to another name of the same tensor, so it keeps the original values."""
+    others = [(n, u) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target
+              for u in list(n.users) if u not in readers]
+    if not others:
+        return
+    tensor = _attr_named(gm, target)
+    owner = gm.get_submodule(target.rpartition(".")[0]) if "." in target else gm
+    alias = next((name for name, p in gm.named_parameters(remove_duplicate=False) if p is tensor and name != target
+                  and (gm.get_submodule(name.rpartition(".")[0]) if "." in name else gm) is not owner), None)
+    if alias is None:
+        raise ExportError(f"cannot fold the adapter into {target}: the tensor is also read by "
+                          f"{', '.join(u.name for _, u in others)} (tied weights, e.g. an LM head and its embedding); "
+                          "exclude the layer from targets or export with merge=False")
+    for node, user in others:
+        with gm.graph.inserting_before(user):
+            moved = gm.graph.get_attr(alias)
+        moved.meta.update(node.meta)
+        user.replace_input_with(node, moved)
 
 
-def _set_weight(gm: torch.fx.GraphModule, layer_node: torch.fx.Node, kind: str, weight_out_in: torch.Tensor) -> None:
-    weight_node = layer_node.args[2] if kind == "addmm" else layer_node.args[1]
-    _refuse_tied(gm, weight_node.target, {layer_node})
-    owner, _, name = weight_node.target.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    old = getattr(module, name)
-    value = weight_out_in.t() if kind == "addmm" else weight_out_in
-    setattr(module, name, torch.nn.Parameter(value.detach().to(old.dtype).contiguous(), requires_grad=False))
+def _attr_named(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _set_weights(gm: torch.fx.GraphModule, layer_nodes: list[torch.fx.Node], weight_out_in: torch.Tensor) -> None:
+    """Give every call in ``layer_nodes`` (the calls of one weight) the weight ``weight_out_in``, once."""
+    targets = dict.fromkeys(_weight_node(n).target for n in layer_nodes)
+    old = _attr_named(gm, next(iter(targets)))
+    value = weight_out_in.t() if _layer_kind(layer_nodes[0]) == "addmm" else weight_out_in
+    folded = torch.nn.Parameter(value.detach().to(old.dtype).contiguous(), requires_grad=False)
+    for target in targets:
+        _untie(gm, target, set(layer_nodes))
+        owner, _, name = target.rpartition(".")
+        setattr(gm.get_submodule(owner) if owner else gm, name, folded)
+
+
+def _weight_node(layer_node: torch.fx.Node) -> torch.fx.Node:
+    return layer_node.args[2] if _layer_kind(layer_node) == "addmm" else layer_node.args[1]
 
 
 def _layer_kind(node: torch.fx.Node) -> str:
-    return {aten.linear.default: "linear", aten.addmm.default: "addmm", aten.conv2d.default: "conv2d"}[node.target]
+    return {aten.linear.default: "linear", aten.addmm.default: "addmm", aten.conv2d.default: "conv2d",
+            aten.conv1d.default: "conv1d"}[node.target]
 
 
-def _weight_out_in(gm: torch.fx.GraphModule, layer_node: torch.fx.Node, kind: str) -> torch.Tensor:
-    weight = _attr(gm, layer_node.args[2] if kind == "addmm" else layer_node.args[1]).detach()
-    return weight.t() if kind == "addmm" else weight
+def _weight_out_in(gm: torch.fx.GraphModule, layer_node: torch.fx.Node) -> torch.Tensor:
+    weight = _attr(gm, _weight_node(layer_node)).detach()
+    return weight.t() if _layer_kind(layer_node) == "addmm" else weight
+
+
+def _shared_groups(gm: torch.fx.GraphModule, fn: Callable[..., Any]) -> list[list[torch.fx.Node]]:
+    """The ``fn`` nodes grouped by the adapter they apply (the same parameters and options): a shared layer
+    has one adapter applied at each of its calls, folded once."""
+    groups: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is fn:
+            params = [a.target if isinstance(a, torch.fx.Node) else repr(a) for a in node.args[1:]]
+            groups.setdefault(repr((params, sorted(node.kwargs.items()))), []).append(node)
+    return list(groups.values())
 
 
 def fold_input_transforms(gm: torch.fx.GraphModule, fn: Callable[..., Any],
                           fold_weight: Callable[..., torch.Tensor]) -> int:
-    """Fold every ``fn`` input-transform node: ``W ← fold_weight(W, *params, **kwargs)``; returns the count."""
+    """Fold every ``fn`` input-transform node: ``W ← fold_weight(W, *params, **kwargs)`` once per adapted
+    weight, however many calls read it; returns the number of nodes folded."""
     count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not fn:
-            continue
-        params = [_attr(gm, p).detach() for p in node.args[1:]]
-        for user in list(node.users):
-            kind = _layer_kind(user)
-            with torch.no_grad():
-                _set_weight(gm, user, kind, fold_weight(_weight_out_in(gm, user, kind), *params, **node.kwargs))
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-        count += 1
+    for group in _shared_groups(gm, fn):
+        first = group[0]
+        params = [_attr(gm, p).detach() for p in first.args[1:]]
+        layer_nodes = [user for node in group for user in node.users]
+        with torch.no_grad():
+            _set_weights(gm, layer_nodes, fold_weight(_weight_out_in(gm, layer_nodes[0]), *params, **first.kwargs))
+        for node in group:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        count += len(group)
     gm.recompile()
     return count
 
@@ -160,43 +205,44 @@ def fold_input_transforms(gm: torch.fx.GraphModule, fn: Callable[..., Any],
 def fold_weight_transforms(gm: torch.fx.GraphModule, fn: Callable[..., Any],
                            fold_weight: Callable[..., torch.Tensor] | None = None) -> int:
     """Fold every ``fn`` weight-transform node: ``W ← fold_weight(W, *params, **kwargs)`` (default ``fn``
-    itself, in the weight's own layout); the layer reads ``W`` again. Returns the count."""
+    itself, in the weight's own layout) once per adapted weight; the layers read ``W`` again. Returns the
+    number of nodes folded."""
     count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not fn:
-            continue
-        weight_node = node.args[0]
-        _refuse_tied(gm, weight_node.target, {node})
-        params = [_attr(gm, p).detach() for p in node.args[1:]]
-        owner, _, name = weight_node.target.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        old = getattr(module, name)
+    for group in _shared_groups(gm, fn):
+        first = group[0]
+        weight_nodes = [node.args[0] for node in group]
+        params = [_attr(gm, p).detach() for p in first.args[1:]]
+        old = _attr(gm, weight_nodes[0])
         with torch.no_grad():
-            value = (fold_weight or fn)(old.detach(), *params, **node.kwargs)
-        setattr(module, name, torch.nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=False))
-        node.replace_all_uses_with(weight_node)
-        gm.graph.erase_node(node)
-        count += 1
+            value = (fold_weight or fn)(old.detach(), *params, **first.kwargs)
+        folded = torch.nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=False)
+        for target in dict.fromkeys(w.target for w in weight_nodes):
+            _untie(gm, target, set(group))
+            owner, _, name = target.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, name, folded)
+        for node, weight_node in zip(group, weight_nodes):
+            node.replace_all_uses_with(weight_node)
+            gm.graph.erase_node(node)
+        count += len(group)
     gm.recompile()
     return count
 
 
 def fold_output_deltas(gm: torch.fx.GraphModule, fn: Callable[..., Any],
                        fold_delta: Callable[..., torch.Tensor]) -> int:
-    """Fold every ``y + fn(x, *params)`` branch: ``W ← W + fold_delta(*params, **kwargs)``; returns the count."""
+    """Fold every ``y + fn(x, *params)`` branch: ``W ← W + fold_delta(*params, **kwargs)`` once per adapted
+    weight, however many calls read it; returns the number of branches folded."""
     count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not fn:
-            continue
-        (total,) = node.users
-        layer_node = next(a for a in total.args if a is not node)
-        kind = _layer_kind(layer_node)
-        params = [_attr(gm, p).detach() for p in node.args[1:]]
+    for group in _shared_groups(gm, fn):
+        first = group[0]
+        layer_nodes = [next(a for a in next(iter(node.users)).args if a is not node) for node in group]
+        params = [_attr(gm, p).detach() for p in first.args[1:]]
         with torch.no_grad():
-            weight = _weight_out_in(gm, layer_node, kind)
-            _set_weight(gm, layer_node, kind, weight + fold_delta(*params, **node.kwargs).to(weight.dtype))
-        remove_output_delta(gm, node)
-        count += 1
+            weight = _weight_out_in(gm, layer_nodes[0])
+            _set_weights(gm, layer_nodes, weight + fold_delta(*params, **first.kwargs).to(weight.dtype))
+        for node in group:
+            remove_output_delta(gm, node)
+        count += len(group)
     gm.recompile()
     return count
 

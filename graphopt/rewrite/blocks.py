@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from graphopt.errors import OptionError
 from graphopt.rewrite.layers import module_types
+from graphopt.rewrite.noops import ASSERTS, is_noop
 
 aten = torch.ops.aten
 _ADDS = (aten.add.Tensor, aten.add_.Tensor)
@@ -54,13 +56,31 @@ class Block:
 
 
 def _module_paths(node: torch.fx.Node) -> list[str]:
+    """The module paths of the calls ``node`` runs inside, outermost first. A module's second and later
+    calls (``torch.export`` numbers them) are ``<path>@1``, ``<path>@2``, ...: each call of a shared layer
+    (ALBERT's one layer group, called once per depth) is its own module, and so its own block; inside such a
+    call, the paths continue from it (``group.0@1.layers.0``)."""
     stack = node.meta.get("nn_module_stack") or {}
-    paths = []
-    for value in stack.values():
+    paths: list[str] = []
+    parent, parent_path, parent_call = "", "", ""
+    for key, value in stack.items():
         path = value[0] if isinstance(value, tuple) and value else None
-        if isinstance(path, str) and path and path not in paths:
-            paths.append(path)
+        if not isinstance(path, str) or not path:
+            continue
+        call = key.rpartition("@")[2] if isinstance(key, str) and "@" in key else ""
+        call = call if call.isdigit() and call != parent_call else ""
+        base = parent + path[len(parent_path):] if parent_path and path.startswith(parent_path + ".") else path
+        full = f"{base}@{call}" if call else base
+        if full not in paths:
+            paths.append(full)
+        parent, parent_path = full, path
+        parent_call = call or parent_call
     return paths
+
+
+def module_path(call_path: str) -> str:
+    """The module path (as in ``named_modules()``) of a call path from :func:`module_members`."""
+    return re.sub(r"@\d+", "", call_path)
 
 
 def module_members(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
@@ -132,7 +152,8 @@ def _stream(x_in: torch.fx.Node, x_out: torch.fx.Node, nodes: list[torch.fx.Node
         branch = operands[1] if operands[0] is previous else operands[0]
         if isinstance(branch, torch.fx.Node) and branch in position and branch not in stream_set:
             adds.append((node.name, branch.name))
-    if len(stream) < 2 or not adds or adds[0][0] != stream[1].name:
+    first = next((n for n in stream[1:] if not is_noop(n)), None)  # casts to the same dtype, shape-keeping views
+    if first is None or not adds or adds[0][0] != first.name:
         return [], "it does not start with a residual add x + f(x) on its input"
     return adds, None
 
@@ -153,20 +174,21 @@ def _analyse(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node], in
                 inputs.append(arg)
     if not inputs:
         return "it takes no tensor input"
-    outputs = [n for n in nodes if any(user not in region for user in n.users)]
-    if len(outputs) != 1:
-        return f"{len(outputs)} of its values are used outside it (a block returns one)"
-    x_out = outputs[0]
-    same = [n for n in inputs if _same_type(n, x_out)]
-    if not same:
+    outputs = [n for n in nodes if any(user not in region for user in n.users) and n.target not in ASSERTS]
+    if not outputs:
+        return "none of its values is used outside it"
+    pairs = [(x, out) for out in outputs for x in inputs if _same_type(x, out)]
+    if not pairs:
         return ("its output's shape or dtype differs from its input's" if len(inputs) == 1 else
-                f"none of its {len(inputs)} tensor inputs has its output's shape and dtype")
+                f"none of its {len(inputs)} tensor inputs has an output's shape and dtype")
     streams = {}
     reason = ""
-    for candidate in same:
+    for candidate, x_out in pairs:
         adds, why = _stream(candidate, x_out, nodes, region)
         if why is None:
-            streams[candidate] = adds
+            why = _auxiliary(candidate, x_out, outputs, region)
+        if why is None:
+            streams[candidate] = (x_out, adds)
         else:
             reason = why
     if not streams:
@@ -175,7 +197,7 @@ def _analyse(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node], in
     if len(streams) > 1:
         return (f"{len(streams)} of its tensor inputs ({', '.join(n.name for n in streams)}) each start a residual "
                 "stream to its output (a block has one)")
-    ((x_in, adds),) = streams.items()
+    ((x_in, (x_out, adds)),) = streams.items()
     extras = tuple(n.name for n in inputs if n is not x_in)
     params = []
     for node in nodes:
@@ -186,6 +208,27 @@ def _analyse(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node], in
             params += [f"{node.target}.{n}" for n, _ in gm.get_submodule(node.target).named_parameters()]
     params = canonical_names(gm, params)
     return Block(index, path, module_type, x_in.name, x_out.name, tuple(adds), tuple(dict.fromkeys(params)), extras)
+
+
+def _auxiliary(x_in: torch.fx.Node, x_out: torch.fx.Node, outputs: list[torch.fx.Node],
+               region: set[torch.fx.Node]) -> str | None:
+    """Why the outputs other than ``x_out`` stop ``x_in -> x_out`` from being a block, or None: each must
+    not depend on the stream (T5's position bias, computed in the first layer from positions and the mask
+    and passed along), so a dropped block keeps computing it."""
+    others = [n for n in outputs if n is not x_out]
+    if not others:
+        return None
+    descendants, stack = {x_in}, [x_in]
+    while stack:
+        for user in stack.pop().users:
+            if user in region and user not in descendants:
+                descendants.add(user)
+                stack.append(user)
+    tied = [n.name for n in others if n in descendants]
+    if tied:
+        return (f"{len(outputs)} of its values are used outside it and {', '.join(tied)} depends on its input "
+                "(a block returns one stream value; other outputs may not depend on the stream)")
+    return None
 
 
 def canonical_names(gm: torch.nn.Module, names: Sequence[str]) -> list[str]:
@@ -208,12 +251,14 @@ def _outermost(paths: Sequence[str]) -> list[str]:
 
 
 def _is_container(path: str, candidates: Mapping[str, Block], members: Mapping[str, list[torch.fx.Node]]) -> bool:
-    """Whether candidate ``path`` is only a chain of blocks: two or more outermost candidates inside it cover
-    all of its nodes (an ``nn.Sequential`` of blocks, an encoder of layers). A transformer layer whose residual
-    adds sit in candidate sub-modules (BERT's ``BertSelfOutput`` / ``BertOutput``) still has nodes of its own
-    outside them (the attention itself, the intermediate MLP), so it is a block, not a container."""
+    """Whether candidate ``path`` is only a chain of blocks: two or more outermost candidates inside it, all of
+    one module type, cover all of its nodes (an ``nn.Sequential`` of blocks, an encoder of layers). A
+    transformer layer whose residual adds sit in candidate sub-modules (BERT's ``BertSelfOutput`` /
+    ``BertOutput``) still has nodes of its own outside them (the attention itself, the intermediate MLP), and
+    one made only of sub-layers of different kinds (T5's self-attention and feed-forward sub-layers) is a
+    layer too: both are blocks, not containers."""
     inner = _outermost([q for q in candidates if q.startswith(path + ".")])
-    if len(inner) < 2:
+    if len(inner) < 2 or len({candidates[q].module_type for q in inner}) > 1:
         return False
     covered = {node for q in inner for node in members[q]}
     return all(node in covered for node in members[path])
@@ -240,7 +285,7 @@ def find_blocks(gm: torch.fx.GraphModule, blocks: str | Sequence[str] | None = N
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
 
     def analyse(path: str) -> Block | str:
-        return _analyse(gm, path, members[path], 0, types.get(path, ""))
+        return _analyse(gm, path, members[path], 0, types.get(module_path(path), ""))
 
     if blocks is None:
         candidates = {p: b for p in members if isinstance(b := analyse(p), Block)}
@@ -286,7 +331,8 @@ def resolve_blocks(gm: torch.fx.GraphModule, paths: Sequence[str], method: str) 
     found, types = module_members(gm), module_types(gm)
     result = []
     for i, path in enumerate(paths):
-        block = _analyse(gm, path, found.get(path, []), i, types.get(path, "")) if path in found else "absent"
+        block = (_analyse(gm, path, found[path], i, types.get(module_path(path), "")) if path in found
+                 else "absent")
         if isinstance(block, str):
             raise OptionError(f"method {method!r}: block {path!r} is no longer a residual block in this graph "
                               f"({block}); another method changed it")

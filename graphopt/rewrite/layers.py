@@ -7,6 +7,7 @@ A layer is named by its module path, taken from the weight attribute (``encoder.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -15,7 +16,8 @@ import torch
 from graphopt.errors import OptionError
 
 aten = torch.ops.aten
-DEFAULT_KINDS = ("linear", "conv2d", "addmm")
+_CONVS = {aten.conv2d.default: "conv2d", aten.conv1d.default: "conv1d"}
+DEFAULT_KINDS = ("linear", "conv2d", "conv1d", "addmm")
 
 
 @dataclass
@@ -23,7 +25,8 @@ class LayerCall:
     """One linear or conv call in a graph.
 
     ``kind`` is ``"linear"`` (``aten.linear(x, W, b)``, ``W (out, in)``), ``"conv2d"``
-    (``aten.conv2d(x, W, b, stride, padding, dilation, groups)``) or ``"addmm"``
+    (``aten.conv2d(x, W, b, stride, padding, dilation, groups)``), ``"conv1d"`` (the same with
+    ``W (out, C/groups, k)``) or ``"addmm"``
     (``aten.addmm(b, x, W)`` with ``W (in, out)``, as transformers' ``Conv1D``).
     """
 
@@ -39,8 +42,8 @@ class LayerCall:
         """Input dimension of the layer as a matrix (``C_in/groups · kh · kw`` for conv)."""
         if self.kind == "addmm":
             return self.weight_shape[0]
-        if self.kind == "conv2d":
-            return self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
+        if self.kind in ("conv2d", "conv1d"):
+            return math.prod(self.weight_shape[1:])
         return self.weight_shape[1]
 
     @property
@@ -49,9 +52,10 @@ class LayerCall:
 
     @property
     def conv_options(self) -> dict[str, object]:
-        """``stride``, ``padding``, ``dilation``, ``groups`` of a conv2d call (aten's defaults where omitted)."""
+        """``stride``, ``padding``, ``dilation``, ``groups`` of a conv call (aten's defaults where omitted)."""
         names = ("stride", "padding", "dilation", "groups")
-        defaults = ([1, 1], [0, 0], [1, 1], 1)
+        dims = len(self.weight_shape) - 2
+        defaults = ([1] * dims, [0] * dims, [1] * dims, 1)
         given = self.node.args[3:7]
         return {n: (given[i] if i < len(given) else d) for i, (n, d) in enumerate(zip(names, defaults))}
 
@@ -64,6 +68,27 @@ def _attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor 
     return value if isinstance(value, torch.Tensor) else None
 
 
+def call_path(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.fx.Node) -> str:
+    """The module path of the call ``node`` reading the parameter ``weight``: the weight's owner, unless the
+    weight is tied and read under another module's name (T5's embeddings and Gemma's embedding read the
+    tied ``lm_head.weight``): then the innermost module running ``node`` that holds the same tensor under a
+    name of its own."""
+    owner = weight.target.rpartition(".")[0]
+    stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()
+             if isinstance(v, tuple) and v and isinstance(v[0], str) and v[0]]
+    if not stack or owner in stack:
+        return owner
+    tensor = _attr_tensor(gm, weight)
+    for path in reversed(stack):
+        try:
+            module = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if any(p is tensor for p in module.parameters(recurse=False)):
+            return path
+    return owner
+
+
 def layer_calls(gm: torch.fx.GraphModule, kinds: Iterable[str] = DEFAULT_KINDS) -> list[LayerCall]:
     """Linear/conv calls whose weight is a module attribute, in execution order."""
     wanted = set(kinds)
@@ -73,8 +98,8 @@ def layer_calls(gm: torch.fx.GraphModule, kinds: Iterable[str] = DEFAULT_KINDS) 
             continue
         if node.target is aten.linear.default and "linear" in wanted:
             kind, w, b = "linear", node.args[1], node.args[2] if len(node.args) > 2 else None
-        elif node.target is aten.conv2d.default and "conv2d" in wanted:
-            kind, w, b = "conv2d", node.args[1], node.args[2] if len(node.args) > 2 else None
+        elif node.target in _CONVS and _CONVS[node.target] in wanted:
+            kind, w, b = _CONVS[node.target], node.args[1], node.args[2] if len(node.args) > 2 else None
         elif node.target is aten.addmm.default and "addmm" in wanted:
             kind, w, b = "addmm", node.args[2], node.args[0]
         else:
@@ -82,7 +107,7 @@ def layer_calls(gm: torch.fx.GraphModule, kinds: Iterable[str] = DEFAULT_KINDS) 
         weight = _attr_tensor(gm, w)
         if weight is None or (b is not None and _attr_tensor(gm, b) is None):
             continue
-        path = w.target.rpartition(".")[0]
+        path = call_path(gm, node, w)
         found.append(LayerCall(node, path, kind, w, b, tuple(weight.shape)))
     return found
 

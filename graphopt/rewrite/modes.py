@@ -5,12 +5,15 @@
 ``aten.batch_norm(..., training=True, ...)``, and attention dropout as the ``dropout_p`` of
 ``aten.scaled_dot_product_attention``, which models set to 0 in eval mode) and an exported GraphModule
 refuses ``.eval()``, so the inference graph is a copy with those switched: train flags off, ``dropout_p``
-0, batch-norm counters gone. Capture checks the result against the model's own eval mode.
+0, batch-norm counters gone, stochastic-depth products (``graphopt.rewrite.drop_path``) replaced by their
+input. Capture checks the result against the model's own eval mode.
 """
 
 from __future__ import annotations
 
 import torch
+
+from graphopt.rewrite.drop_path import remove_drop_paths
 
 aten = torch.ops.aten
 _TRAIN_FLAG = {aten.dropout.default: 2, aten.batch_norm.default: 5, aten.feature_dropout.default: 2,
@@ -50,6 +53,7 @@ def inference_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 node.update_kwarg("dropout_p", 0.0)
         elif node.target is aten.add_.Tensor and _is_batch_counter(node):
             graph.erase_node(node)
+    remove_drop_paths(inference)  # stochastic depth written as tensor ops: x in inference
     inference.training = False  # the flag only: an exported GraphModule refuses .eval()
     inference.recompile()
     return inference

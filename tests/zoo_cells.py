@@ -1,0 +1,95 @@
+"""One cell of the zoo matrix: a zoo model (``tests/zoo.py``) × a method, checked end to end.
+
+A cell captures the model with the method (adapters and tract with ``adamw(lr=1e-2)``; an optimizer alone),
+checks that the first training step's loss equals the eager model's loss on the same batch and the same
+dropout masks (the eager model draws them from the RNG state the step uses), trains 9 more steps and checks
+that the eval-mode loss went down, then exports merged and unmerged ONNX files, each checked by
+``graphopt.export`` against PyTorch in onnxruntime. Outcomes: ``ok``; ``error`` — a graphopt error (the
+message names the problem and what to do); ``bug`` — anything else (an exception from torch, a wrong number).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from zoo import ZooModel
+
+import graphopt
+from graphopt.errors import GraphoptError
+from graphopt.optim import Optimizer
+
+OPTIMIZERS = ("sgd", "adamw", "muon", "normuon", "adamuon", "adago", "auon", "turbo_muon", "root")
+ADAPTERS = ("hra", "oftv2", "sora", "lora", "tract", "layerdrop")
+METHODS = OPTIMIZERS + ADAPTERS
+STEPS = 10
+
+
+@dataclass
+class Cell:
+    """The outcome of one (model, method) cell."""
+
+    model: str
+    method: str
+    status: str = "ok"
+    detail: str = ""
+    capture_s: float = 0.0
+    first_step_s: float = 0.0
+    first_loss: float = float("nan")
+    eager_loss: float = float("nan")
+    losses: list[float] = field(default_factory=list)  # eval loss before and after training
+
+
+def method_specs(method: str) -> list:
+    """The methods a cell compiles with: an optimizer alone (sgd with lr=0.1), anything else with AdamW."""
+    cls = graphopt.list_methods()[method].cls
+    spec = (method, dict(cls.example))
+    return [spec] if issubclass(cls, Optimizer) else [spec, "adamw(lr=1e-2)"]
+
+
+def eval_loss(module: torch.nn.Module, zoo: ZooModel, inputs: dict, target: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(zoo.loss(module(**inputs), target))
+
+
+def run_cell(zoo: ZooModel, method: str, out_dir: Path | None = None, export: bool = True) -> Cell:
+    """Run the cell (see the module docstring); never raises for the model's or graphopt's failures."""
+    cell = Cell(zoo.name, method)
+    try:
+        _run(cell, zoo, method, out_dir, export)
+    except GraphoptError as err:
+        cell.status, cell.detail = "error", f"{type(err).__name__}: {err}"
+    except Exception as err:  # a failure graphopt did not explain: a bug
+        cell.status, cell.detail = "bug", f"{type(err).__name__}: {err}"
+    return cell
+
+
+def _run(cell: Cell, zoo: ZooModel, method: str, out_dir: Path | None, export: bool) -> None:
+    model = zoo.build(0)
+    inputs, target = zoo.batch(0)
+    reference = copy.deepcopy(model)
+    before = eval_loss(copy.deepcopy(model).eval(), zoo, inputs, target)
+    start = time.perf_counter()
+    m = graphopt.compile(model, methods=method_specs(method), loss_fn=zoo.loss, backend="eager",
+                         example_inputs=inputs)
+    cell.capture_s = time.perf_counter() - start
+    torch.set_rng_state(m.state_dict()["_graphopt.rng.cpu"])  # the eager model draws the step's dropout masks
+    start = time.perf_counter()
+    cell.first_loss = float(m.step(**inputs, labels=target))
+    cell.first_step_s = time.perf_counter() - start
+    cell.eager_loss = float(zoo.loss(reference.train()(**inputs), target))
+    if abs(cell.first_loss - cell.eager_loss) > 1e-4 * (1 + abs(cell.eager_loss)):
+        raise AssertionError(f"first-step loss {cell.first_loss:.6f} != eager {cell.eager_loss:.6f}")
+    for _ in range(STEPS - 1):
+        m.step(**inputs, labels=target)
+    after = eval_loss(m.eval(), zoo, inputs, target)
+    cell.losses = [before, after]
+    if not after < before:
+        raise AssertionError(f"eval loss did not go down in {STEPS} steps: {before:.4f} -> {after:.4f}")
+    if export:
+        for merge in (True, False):
+            path = (out_dir or Path(".")) / f"{zoo.name}-{method}-{'merged' if merge else 'unmerged'}.onnx"
+            graphopt.export(m, path, merge=merge)
