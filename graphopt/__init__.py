@@ -12,6 +12,7 @@ from graphopt import optim
 from graphopt.api import compile
 from graphopt.compiled_model import CompiledModel, CompileStats
 from graphopt.context import MethodContext
+from graphopt.dynamo import backend
 from graphopt.errors import (
     CaptureError,
     CheckpointError,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptureError", "CheckpointError", "CompileStats", "CompiledModel", "ExportError", "ExportReport",
     "GraphoptError", "InputError", "Method", "MethodContext", "MethodError", "MethodInfo", "NotCapturedError",
-    "Option", "OptionError", "PluginError", "RewriteError", "StepError", "__version__", "compile", "export",
+    "Option", "OptionError", "PluginError", "RewriteError", "StepError", "__version__", "backend", "compile",
+    "export",
     "from_peft", "hookimpl", "list_methods", "optim", "register_plugin", "set_verbosity", "unregister_plugin",
 ]

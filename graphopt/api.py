@@ -35,6 +35,7 @@ def compile(
     trainable: str | Iterable[str] = (),
     checkpoint_blocks: bool | str | Iterable[str] | None = None,
     process_group: Any = None,
+    capture: str = "export",
 ) -> Any:
     """Rewrite ``model`` with ``methods`` and return a :class:`CompiledModel` (a ``torch.nn.Module``).
 
@@ -47,6 +48,9 @@ def compile(
     batch dim of every tensor input and the sequence dim of token tensors; see ``graphopt.inputs``).
     The training-loop options (``gradient_accumulation_steps``, ``precision``, ``on_nonfinite``,
     ``trainable``, ``checkpoint_blocks``, ``process_group``) are described in ``graphopt.training_options``.
+    ``capture="dynamo"``: for a model ``torch.export`` cannot capture (graph breaks, data-dependent Python
+    control flow), train it through ``torch.compile`` with graphopt's backend instead; returns a
+    :class:`graphopt.dynamo.DynamoModel` (the methods that work there are listed in ``graphopt.dynamo.model``).
     """
     if backend not in BACKENDS:
         raise OptionError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -58,6 +62,11 @@ def compile(
     if len(optimizers) > 1:
         raise OptionError(f"one optimizer method per model, got {', '.join(map(repr, optimizers))}; keep one")
     example = _example(example_inputs)
+    if capture not in ("export", "dynamo"):
+        raise OptionError(f"unknown capture={capture!r}; use 'export' (torch.export, one graph) or 'dynamo' "
+                          "(torch.compile with graphopt's backend, graph breaks allowed)")
+    if capture == "dynamo":
+        return _dynamo(model, resolved, loss_fn, backend, example)
 
     def build(target: nn.Module) -> CompiledModel:
         compiled = CompiledModel(target, [m.fresh() for m in resolved], loss_fn, backend, dynamic_dims, options)
@@ -68,6 +77,18 @@ def compile(
     if model is None:
         return lambda target: _wrap(target, build)
     return _wrap(model, build)
+
+
+def _dynamo(model: Any, methods: list, loss_fn: Callable[..., torch.Tensor] | None, backend: str,
+            example: CallInputs | None) -> Any:
+    from graphopt.dynamo import DynamoModel
+
+    if not isinstance(model, nn.Module):
+        raise OptionError("capture='dynamo' takes an nn.Module instance (not a class, a factory or a decorator use)")
+    compiled = DynamoModel(model, [m.fresh() for m in methods], loss_fn, backend)
+    if example is not None:
+        compiled(*example.args, **example.kwargs)  # compiles now: the adapters exist from here on
+    return compiled
 
 
 def _example(example_inputs: Any) -> CallInputs | None:

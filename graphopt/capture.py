@@ -132,8 +132,10 @@ def capture(model: nn.Module, inputs: CallInputs | tuple[Any, ...], dims: Dims |
                 f"cannot capture {type(model).__name__}:\n{at}"
                 f"  torch.export (strict=False) failed: {type(export_error).__name__}: {_first_line(export_error)}\n"
                 f"  torch.fx.symbolic_trace failed: {type(trace_error).__name__}: {_first_line(trace_error)}\n"
-                "Make the forward traceable (no data-dependent Python control flow: use torch.where / torch.cond "
-                "instead of `if tensor:`) or register a graphopt_capture plugin."
+                "Train it through torch.compile instead: graphopt.compile(..., capture='dynamo') (graph breaks "
+                "allowed; see graphopt.dynamo for the methods that work there), or make the forward traceable (no "
+                "data-dependent Python control flow: use torch.where / torch.cond instead of `if tensor:`) or "
+                "register a graphopt_capture plugin."
             ) from trace_error
         normalise_module_calls(gm)
         normalise(gm)

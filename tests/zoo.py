@@ -6,7 +6,8 @@ loss on the model's own ``ModelOutput``. Sizes are small (hidden 64, 2 layers, v
 every method's defaults apply (widths are multiples of oftv2's block size 32). timm is not in the zoo: it
 imports torchvision, which fails to import beside the CPU torch build; the vision models here are
 ``transformers``' own (ResNet, ConvNeXt, EfficientNet, MobileNetV2, ViT, Swin), whose code does not import
-torchvision.
+torchvision. One default is changed: wav2vec2's SpecAugment (``mask_time_prob``) draws its masks with numpy
+in Python, so any captured graph (torch.export or dynamo) would hold one fixed mask; it is turned off.
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
         decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, max_position_embeddings=64,
         **_SEQ2SEQ))), seq2seq_batch, lm_loss, "model.*.layers.*"),
     # vision CNNs
-    ZooModel("resnet", "vision-cnn", _vision("ResNetConfig", "ResNetForImageClassification", embedding_size=16,
-                                             hidden_sizes=[32, 64], depths=[1, 1], layer_type="basic"),
+    ZooModel("resnet", "vision-cnn", _vision("ResNetConfig", "ResNetForImageClassification", embedding_size=32,
+                                             hidden_sizes=[32, 64], depths=[2, 1], layer_type="basic"),
              image_batch, class_loss, None),
     ZooModel("convnext", "vision-cnn", _vision("ConvNextConfig", "ConvNextForImageClassification",
                                                hidden_sizes=[32, 64], depths=[1, 1], num_stages=2),
@@ -206,7 +207,7 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
     ZooModel("vit", "vision-transformer", _vision("ViTConfig", "ViTForImageClassification", image_size=IMAGE,
                                                   patch_size=8, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                                   num_attention_heads=HEADS, intermediate_size=FFN),
-             image_batch, class_loss, "vit.encoder.layer.*"),
+             image_batch, class_loss, "vit.layers.*"),
     ZooModel("swin", "vision-transformer", _vision("SwinConfig", "SwinForImageClassification", image_size=IMAGE,
                                                    patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
                                                    window_size=4),
@@ -216,7 +217,8 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
                                           hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                           intermediate_size=FFN, conv_dim=(32, 32), conv_stride=(5, 4),
                                           conv_kernel=(10, 8), num_conv_pos_embeddings=16,
-                                          num_conv_pos_embedding_groups=4, classifier_proj_size=32),
+                                          num_conv_pos_embedding_groups=4, classifier_proj_size=32,
+                                          mask_time_prob=0.0),
              audio_batch, class_loss, "wav2vec2.encoder.layers.*"),
     ZooModel("whisper", "audio", _vision("WhisperConfig", "WhisperForAudioClassification", vocab_size=VOCAB,
                                          num_mel_bins=16, d_model=HIDDEN, encoder_layers=LAYERS,
