@@ -29,7 +29,8 @@ IMAGE, AUDIO = 32, 1600
 class ZooModel:
     """One architecture: ``build(seed)`` the model, ``batch(seed)`` its keyword inputs and target, ``loss``
     on ``(output, target)``; ``family`` for the matrix; ``blocks``: the module glob of its layers (for the
-    layer-dropping tests; None: the blocks are found in the graph)."""
+    layer-dropping tests; None: the blocks are found in the graph); ``capture``: ``"dynamo"`` for a model
+    ``torch.export`` cannot capture (wav2vec2's LayerDrop draws ``torch.rand([])`` and branches on it)."""
 
     name: str
     family: str
@@ -37,6 +38,7 @@ class ZooModel:
     batch: Callable[[int], tuple[dict[str, torch.Tensor], torch.Tensor]]
     loss: Callable[[Any, torch.Tensor], torch.Tensor]
     blocks: str | None = None
+    capture: str = "export"
 
 
 def _seeded(factory: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
@@ -219,7 +221,7 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
                                           conv_kernel=(10, 8), num_conv_pos_embeddings=16,
                                           num_conv_pos_embedding_groups=4, classifier_proj_size=32,
                                           mask_time_prob=0.0),
-             audio_batch, class_loss, "wav2vec2.encoder.layers.*"),
+             audio_batch, class_loss, "wav2vec2.encoder.layers.*", capture="dynamo"),
     ZooModel("whisper", "audio", _vision("WhisperConfig", "WhisperForAudioClassification", vocab_size=VOCAB,
                                          num_mel_bins=16, d_model=HIDDEN, encoder_layers=LAYERS,
                                          encoder_attention_heads=HEADS, encoder_ffn_dim=FFN,

@@ -28,6 +28,10 @@ OPTIMIZERS = ("sgd", "adamw", "muon", "normuon", "adamuon", "adago", "auon", "tu
 ADAPTERS = ("hra", "oftv2", "sora", "lora", "tract", "layerdrop")
 METHODS = OPTIMIZERS + ADAPTERS
 STEPS = 10
+# first-step loss vs eager: float32 rounding on the export path; on the dynamo path the attention dropout of
+# scaled_dot_product_attention draws its masks in another kernel than eager's (the same ops with dropout 0
+# agree exactly), so the losses agree to ~2e-4
+TOLERANCE = {"export": 1e-4, "dynamo": 1e-3}
 
 
 @dataclass
@@ -70,15 +74,18 @@ def _run(cell: Cell, zoo: ZooModel, method: str, out_dir: Path | None, export: b
     reference = copy.deepcopy(model)
     start = time.perf_counter()
     m = graphopt.compile(model, methods=method_specs(method), loss_fn=zoo.loss, backend="eager",
-                         example_inputs=inputs)
+                         example_inputs=inputs, capture=zoo.capture)
     cell.capture_s = time.perf_counter() - start
-    torch.set_rng_state(m.state_dict()["_graphopt.rng.cpu"])  # the eager model draws the step's dropout masks
+    if zoo.capture == "export":
+        torch.set_rng_state(m.state_dict()["_graphopt.rng.cpu"])  # the eager model draws the step's dropout masks
+    rng = torch.get_rng_state()  # the dynamo path draws from the global generator
     start = time.perf_counter()
     cell.first_loss = float(m.step(**inputs, labels=target))
     cell.first_step_s = time.perf_counter() - start
+    torch.set_rng_state(rng)
     with torch.no_grad():
         cell.eager_loss = float(zoo.loss(reference.train()(**inputs), target))
-    if abs(cell.first_loss - cell.eager_loss) > 1e-4 * (1 + abs(cell.eager_loss)):
+    if abs(cell.first_loss - cell.eager_loss) > TOLERANCE[zoo.capture] * (1 + abs(cell.eager_loss)):
         raise AssertionError(f"first-step loss {cell.first_loss:.6f} != eager {cell.eager_loss:.6f}")
     cell.losses = [cell.first_loss] + [float(m.step(**inputs, labels=target)) for _ in range(STEPS - 1)]
     if not sum(cell.losses[-2:]) / 2 < cell.first_loss:

@@ -196,6 +196,8 @@ def prune(ctx: graphopt.MethodContext, r: int, removed: dict[str, int]) -> None:
     gm = ctx.graph_module
     seen: set[tuple[str, ...]] = set()  # a shared weight's branch (one node per call) is pruned once
     for node in _branches(gm):
+        if node.graph is not gm.graph or node not in gm.graph.nodes:
+            continue  # another call of a shared branch, removed with it
         attrs = [a.target for a in node.args[1:4]]
         if tuple(attrs) in seen:
             continue

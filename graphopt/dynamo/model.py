@@ -7,7 +7,7 @@ GraphoptBackend`, which applies the forward-stage methods to every subgraph. ``m
 compiled subgraphs, Python between them), the loss (``loss_fn`` or the model's own ``output.loss``), plus
 the methods' loss terms, ``torch.autograd.grad``, then the optimizer method's update of every trainable
 parameter and the methods' post-update rules (``sora``'s proximal gate step) with their hyperparameters —
-all updates in one function, compiled as one graph (``torch.compile(fullgraph=True)``) unless
+all updates traced (``make_fx``) into one graph, compiled with ``torch.compile(fullgraph=True)`` unless
 ``backend="eager"``: fused with each other, not with the backward, which the graph breaks split.
 
 What works on this path: every optimizer method, the forward-stage methods (``hra``, ``oftv2``, ``lora``,
@@ -52,13 +52,13 @@ class DynamoModel(nn.Module):
         self.model = copy.deepcopy(model)
         self.model_name = type(model).__name__
         self.loss_fn = loss_fn
-        compiler = "eager" if backend == "eager" else "inductor"
+        compiler = "inductor" if backend == "inductor" else "eager"
         self.graphopt_backend = GraphoptBackend([m for m in self.methods if m.stage == "forward"], compiler,
                                                 self.model)
         compiled = torch.compile(self.model, backend=self.graphopt_backend, dynamic=False)
         object.__setattr__(self, "_compiled", compiled)  # not a submodule: its parameters are self.model's
-        self._update = self._updates if backend == "eager" else torch.compile(self._updates, fullgraph=True,
-                                                                               backend=backend)
+        self.backend = backend
+        self._update: Any = None  # the traced, compiled update of every trainable parameter
         self.slots: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = 0
         self.example: CallInputs | None = None
@@ -130,7 +130,18 @@ class DynamoModel(nn.Module):
         for name, param in params.items():
             if name not in self.slots:
                 self.slots[name] = self.optimizer.state_for(name, param)
-        self._update(params, grads, self.slots, hyper)
+        if self._update is None or self._update[0] != list(params):
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            from graphopt.train.tracing import compile_graph
+
+            def updates(params: Any, grads: Any, slots: Any, hyper: Any) -> None:
+                self._updates(params, grads, slots, hyper)
+
+            graph = make_fx(updates, tracing_mode="fake")(params, grads, self.slots, hyper)  # every update
+            self._update = (list(params), compile_graph(graph, self.backend, "dynamo-path update"))
+        with torch.no_grad():
+            self._update[1](params, grads, self.slots, hyper)
         self._export = None
         return loss.detach()
 
