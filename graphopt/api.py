@@ -66,6 +66,13 @@ def compile(
         raise OptionError(f"unknown capture={capture!r}; use 'export' (torch.export, one graph) or 'dynamo' "
                           "(torch.compile with graphopt's backend, graph breaks allowed)")
     if capture == "dynamo":
+        given = {"dynamic_dims": dynamic_dims is not None,
+                 "gradient_accumulation_steps": gradient_accumulation_steps != 1, "precision": precision != "32",
+                 "on_nonfinite": on_nonfinite is not None, "trainable": bool(trainable),
+                 "checkpoint_blocks": bool(checkpoint_blocks), "process_group": process_group is not None}
+        if any(given.values()):
+            raise OptionError(f"capture='dynamo' does not take {', '.join(k for k, v in given.items() if v)}: the "
+                              "training-loop options need graphopt's own training step (capture='export')")
         return _dynamo(model, resolved, loss_fn, backend, example)
 
     def build(target: nn.Module) -> CompiledModel:

@@ -13,8 +13,6 @@ from zoo import ZOO
 
 import graphopt
 
-pytest.importorskip("transformers")
-
 
 class MatmulLinear(nn.Module):
     """A linear layer written as ``x @ W.T + b`` (what ``FalconLinear`` computes)."""
@@ -40,6 +38,7 @@ def test_x_matmul_w_transposed_is_a_linear_layer_named_by_its_module() -> None:
         torch.testing.assert_close(m.eval()(x), model(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_falcon_attention_and_mlp_get_adapters() -> None:
     zoo = ZOO["falcon"]
     inputs, _ = zoo.batch(0)
@@ -101,6 +100,7 @@ def test_conv1d_takes_tract_and_the_weight_adapters(tmp_path) -> None:
             assert graphopt.export(adapted, tmp_path / f"c1d-{merge}.onnx", merge=merge).max_abs_diff < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "first"), [("gemma", "model.embed_tokens"), ("t5", "encoder.embed_tokens"),
                                              ("gpt2", "transformer.wte"), ("opt", "model.decoder.embed_tokens")])
 def test_tied_weights_are_seen_under_every_name(name: str, first: str) -> None:

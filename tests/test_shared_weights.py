@@ -19,13 +19,12 @@ import graphopt
 from graphopt.builtin.hra import hra_matrix
 from graphopt.builtin.oftv2 import rotation_matrix
 
-pytest.importorskip("transformers")
-
 LAYER = "albert.encoder.albert_layer_groups.0.albert_layers.0"
 TARGETS = f"{LAYER}.attention.query"
 
 
 def albert(spec: str) -> tuple[graphopt.CompiledModel, nn.Module, dict]:
+    pytest.importorskip("transformers")
     zoo = ZOO["albert"]
     model = zoo.build(0)
     inputs, _ = zoo.batch(0)
@@ -48,6 +47,7 @@ def effective_weight(name: str, m: graphopt.CompiledModel, weight: torch.Tensor)
     return weight + scale * (b * gate) @ a
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hra", "oftv2", "sora", "lora"])
 def test_one_adapter_per_shared_weight_applied_at_every_call_and_folded_once(name: str, tmp_path) -> None:
     m, model, inputs = albert(f"{name}(targets='{TARGETS}')")
@@ -71,6 +71,7 @@ def test_one_adapter_per_shared_weight_applied_at_every_call_and_folded_once(nam
         assert report.max_abs_diff < 1e-4
 
 
+@pytest.mark.slow
 def test_sora_prune_removes_a_shared_branch_at_every_call() -> None:
     m, _, inputs = albert(f"sora(targets='{TARGETS}')")
     gate = m.trainable_parameters()[f"{TARGETS}.sora_gate"]

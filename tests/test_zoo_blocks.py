@@ -4,7 +4,7 @@ those layers deleted (eval mode, float64: dropout would draw other masks).
 
 Llama-family RMSNorm casts its float32 input to float32 (``aten.to``, a no-op the graph still records);
 T5's blocks also hand on the position bias they compute; ALBERT calls one layer per depth (one block per
-call). Two models run in the default suite, the rest under ``slow``.
+call). Llama runs in the default suite, the rest under ``slow``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from graphopt.rewrite.modes import inference_graph
 
 pytest.importorskip("transformers")
 
-FAST = ("llama", "t5")
+FAST = ("llama",)
 MODELS = ("llama", "mistral", "qwen2", "gemma", "phi", "gpt_neox", "opt", "falcon", "t5", "bert", "roberta",
           "distilbert", "electra", "vit", "swin", "resnet", "convnext", "whisper")
 # which block indices to drop (T5: the second encoder and the second decoder block; its first blocks
@@ -77,6 +77,7 @@ def test_dropped_layers_equal_the_model_with_those_layers_deleted_everywhere(nam
     check_dropped_forward(name)
 
 
+@pytest.mark.slow
 def test_found_blocks_are_the_layers_without_naming_them() -> None:
     """blocks=None finds T5's blocks (T5Block made of a self-attention and a feed-forward sub-layer, each
     x + f(x) itself, is one block) and one block per call of ALBERT's shared layer group."""

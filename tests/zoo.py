@@ -6,8 +6,9 @@ loss on the model's own ``ModelOutput``. Sizes are small (hidden 64, 2 layers, v
 every method's defaults apply (widths are multiples of oftv2's block size 32). timm is not in the zoo: it
 imports torchvision, which fails to import beside the CPU torch build; the vision models here are
 ``transformers``' own (ResNet, ConvNeXt, EfficientNet, MobileNetV2, ViT, Swin), whose code does not import
-torchvision. One default is changed: wav2vec2's SpecAugment (``mask_time_prob``) draws its masks with numpy
-in Python, so any captured graph (torch.export or dynamo) would hold one fixed mask; it is turned off.
+torchvision. EfficientNet's convs and batch norms are re-initialised (``_conv_reset``). One default is
+changed: wav2vec2's SpecAugment (``mask_time_prob``) draws its masks with numpy in Python, so any captured
+graph (torch.export or dynamo) would hold one fixed mask; it is turned off.
 """
 
 from __future__ import annotations
@@ -143,6 +144,18 @@ def _vision(config: str, model: str, **options: Any) -> Callable[[int], nn.Modul
     return _seeded(factory)
 
 
+def _conv_reset(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+    """EfficientNet's HF init draws conv and batch-norm weights with std 0.02, so a random-init model's features
+    vanish (~1e-35 at the classifier) and a frozen base passes nothing to train on: they get PyTorch's init."""
+    def rebuilt(seed: int = 0) -> nn.Module:
+        model = build(seed)
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+                module.reset_parameters()
+        return model
+    return rebuilt
+
+
 _SEQ2SEQ = {"vocab_size": VOCAB, "use_cache": False, "decoder_start_token_id": 0, "pad_token_id": 0}
 
 ZOO: dict[str, ZooModel] = {m.name: m for m in (
@@ -198,10 +211,9 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
     ZooModel("convnext", "vision-cnn", _vision("ConvNextConfig", "ConvNextForImageClassification",
                                                hidden_sizes=[32, 64], depths=[1, 1], num_stages=2),
              image_batch, class_loss, None),
-    ZooModel("efficientnet", "vision-cnn", _vision("EfficientNetConfig", "EfficientNetForImageClassification",
-                                                   image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25,
-                                                   hidden_dim=320),
-             image_batch, class_loss, None),
+    ZooModel("efficientnet", "vision-cnn", _conv_reset(_vision(
+        "EfficientNetConfig", "EfficientNetForImageClassification", image_size=IMAGE, width_coefficient=0.25,
+        depth_coefficient=0.5, hidden_dim=320)), image_batch, class_loss, None),
     ZooModel("mobilenet_v2", "vision-cnn", _vision("MobileNetV2Config", "MobileNetV2ForImageClassification",
                                                    image_size=IMAGE, depth_multiplier=0.25),
              image_batch, class_loss, None),

@@ -60,6 +60,7 @@ def trace_step(step_fn: Callable[..., Any], static: tuple[Any, ...], inputs: Cal
     with preserve_node_meta():
         graph = make_fx(step_fn, tracing_mode="symbolic")(*pytree.tree_map(fake, static), fakes.args, fakes.kwargs,
                                                           fake_target)
+    _views_as_reshapes(graph)
     symbolic = [(key, d, value.shape[d]) for key, value in fakes.items() for d in dims.get(key, ())]
     symbolic += [("target", d, fake_target.shape[d]) for d in target_dynamic]
     specialised = frozenset((key, d) for key, d, size in symbolic if _is_constant(size))
@@ -67,6 +68,16 @@ def trace_step(step_fn: Callable[..., Any], static: tuple[Any, ...], inputs: Cal
         logger.info("training step: dim %d of input %r is specialised by the step's code (it depends on its "
                     "value); each size traces its own graph", d, key)
     return Trace(graph, specialised)
+
+
+def _views_as_reshapes(graph: torch.fx.GraphModule) -> None:
+    """Every ``aten.view`` of the traced step as ``aten.reshape``: the same tensor (a view) whenever one exists.
+    Fake tensors propagate the strides of elementwise ops on permuted inputs differently from the CPU kernels
+    (ConvNeXt's channels-last MLP with oftv2), so a view the trace allowed can be impossible at run time."""
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    graph.recompile()
 
 
 def _is_constant(size: Any) -> bool:
