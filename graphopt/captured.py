@@ -8,6 +8,7 @@ training step, and the inference and export forms of the graph (each built on fi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from graphopt.train.tracing import compile_graph, mark_dynamic
 
 if TYPE_CHECKING:
     from graphopt.context import MethodContext
+    from graphopt.distributed import Replicas
     from graphopt.train.step import TrainingStep
 
 
@@ -42,6 +44,7 @@ class CapturedModel:
         self.contributions = Contributions()
         self.contexts: list[MethodContext] = []
         self.trainer: TrainingStep | None = None
+        self.parallel: Replicas | None = None  # data parallel training (graphopt.distributed)
         self.compiles = 0  # backend compiles of the forward, inference and training-step graphs
         self._inference: torch.fx.GraphModule | None = None
         self._compiled_forward: dict[int, Callable[..., Any]] = {}
@@ -90,19 +93,25 @@ class CapturedModel:
         captured signature), compiled unless ``backend="eager"``."""
         check_call(self.example, self.dims, inputs)
         module = self.gm if training else self.inference_module()
-        if backend == "eager":
-            return module(*inputs.args, **inputs.kwargs)
-        compiled = self._compiled_forward.get(id(module))
-        if compiled is None:
-            what = "forward (training mode)" if training else "forward (inference)"
-            compiled = self._compiled_forward[id(module)] = compile_graph(module, backend, what, self.count_compile)
-        mark_dynamic(inputs, self.dims)
-        return compiled(*inputs.args, **inputs.kwargs)
+        with self._full_parameters(call=True):
+            if backend == "eager":
+                return module(*inputs.args, **inputs.kwargs)
+            compiled = self._compiled_forward.get(id(module))
+            if compiled is None:
+                what = "forward (training mode)" if training else "forward (inference)"
+                compiled = self._compiled_forward[id(module)] = compile_graph(module, backend, what,
+                                                                              self.count_compile)
+            mark_dynamic(inputs, self.dims)
+            return compiled(*inputs.args, **inputs.kwargs)
+
+    def _full_parameters(self, call: bool = False) -> Any:
+        """A context in which the graph holds full parameters (with ``sharding="full"`` they are gathered)."""
+        return contextlib.nullcontext() if self.parallel is None else self.parallel.full_parameters(self.gm, call)
 
     def export_graph(self, merge: bool) -> torch.fx.GraphModule:
         """A deep copy of the inference graph after every method's export passes of this ``merge``:
         ``True``, adapters folded into plain weights; ``False``, their compact form. Unused parameters go."""
-        with quiet_torch_internals():
+        with quiet_torch_internals(), self._full_parameters():
             gm = copy.deepcopy(self.inference_module())
         for entry in self.contributions.export_passes[bool(merge)]:
             dispatch(entry.ctx, EXPORT, f"export pass, merge={bool(merge)}", entry.fn, gm)

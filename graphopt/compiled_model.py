@@ -27,7 +27,7 @@ from torch import nn
 
 from graphopt.capture import capture
 from graphopt.captured import CapturedModel
-from graphopt.distributed import broadcast_module, gradient_mean
+from graphopt.distributed import data_parallel
 from graphopt.errors import InputError, NotCapturedError, OptionError
 from graphopt.inputs import CallInputs, DynamicDims, normalise_dynamic_dims
 from graphopt.interop import adapter_state, merge, peft
@@ -135,16 +135,13 @@ class CompiledModel(nn.Module):
                                  frozenset(dir(type(self))))
         with stage(f"methods applied ({', '.join(m.name for m in self.methods) or 'none'})"):
             apply_methods(captured, self.methods, self.options.trainable)
-        reduce_grad = None
-        if self.options.process_group is not None:  # data parallel: same start on every rank, mean gradient
-            broadcast_module(gm, self.options.process_group)
-            reduce_grad = gradient_mean(self.options.process_group)
+        captured.parallel = data_parallel(captured, self.options)  # None, or the replicas' plan (graphopt.distributed)
         device = next((p.device.type for p in gm.parameters()), "cpu")
         step_options = StepOptions(accumulation_steps=self.options.gradient_accumulation_steps,
                                    precision=self.options.precision, guarded=self.options.guarded,
                                    device_type=device)
         captured.trainer = TrainingStep(captured, self.loss_fn, self.backend, step_options,
-                                        self.options.on_nonfinite, reduce_grad, self.options.checkpoint_blocks)
+                                        self.options.on_nonfinite, self.options.checkpoint_blocks)
         if self._pending_state is not None:
             self._load(captured, self._pending_state)
         self._structure = merge.original_structure(self._model)  # no data: for merged_module and adapter names
@@ -279,7 +276,7 @@ class CompiledModel(nn.Module):
             raise TypeError("CompiledModel.state_dict() takes no arguments (a parent module's state_dict holds "
                             "this model's tensors without graphopt's own state)")
         captured = self.captured
-        return build_state_dict(captured.gm, self._train_state, captured.method_states())
+        return build_state_dict(captured.gm, self._train_state, captured.method_states(), captured.parallel)
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load what :meth:`state_dict` returned, all or nothing (deferred until capture when not captured)."""
@@ -290,8 +287,9 @@ class CompiledModel(nn.Module):
         return None
 
     def _load(self, captured: CapturedModel, state: Mapping[str, Any]) -> None:
-        checkpoint = read_checkpoint(state, captured.gm, self._train_state.lr, sorted(captured.stateful_methods()))
-        apply_checkpoint(checkpoint, captured.gm, self._train_state)
+        checkpoint = read_checkpoint(state, captured.gm, self._train_state.lr, sorted(captured.stateful_methods()),
+                                     captured.parallel)
+        apply_checkpoint(checkpoint, captured.gm, self._train_state, captured.parallel)
         captured.load_method_states(checkpoint.methods)
 
     # -- adapters, PEFT and plain models (graphopt.interop) -------------------------------------------------

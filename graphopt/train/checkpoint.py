@@ -16,18 +16,25 @@ adapters as ``encoder.0.hra_u``), then graphopt's entries under ``_graphopt.``:
 
 :func:`read_checkpoint` checks a state dict against the model completely before anything is changed, and
 :func:`apply_checkpoint` then applies it.
+
+A sharded model (``graphopt.distributed``, ``replicas``) writes the unsharded layout, its shards gathered (every
+rank must call ``state_dict`` together), so the checkpoint is that of a single process and loads on any world
+size; loading cuts it to each rank's rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from graphopt.errors import CheckpointError
 from graphopt.train.state import TrainState
+
+if TYPE_CHECKING:
+    from graphopt.distributed import Replicas
 
 PREFIX = "_graphopt."
 STEP, MICRO, SKIPPED, LR = PREFIX + "step", PREFIX + "micro", PREFIX + "skipped", PREFIX + "lr"
@@ -35,12 +42,15 @@ OPTIM, ACCUM, SCALER, RNG, METHOD = (PREFIX + k for k in ("optim.", "accum.", "s
 COUNTERS = (STEP, MICRO, SKIPPED)
 
 
-def build_state_dict(module: torch.nn.Module, train: TrainState,
-                     method_states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def build_state_dict(module: torch.nn.Module, train: TrainState, method_states: Mapping[str, Mapping[str, Any]],
+                     replicas: Replicas | None = None) -> dict[str, Any]:
     """The flat state dict of the table above (tensors cloned: later steps do not change it)."""
     state: dict[str, Any] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    all_slots = train.slots
+    if replicas is not None:
+        state, all_slots = replicas.unsharded(state, all_slots)
     state[STEP], state[MICRO], state[SKIPPED], state[LR] = train.step, train.micro, train.skipped, train.lr
-    for name, slots in train.slots.items():
+    for name, slots in all_slots.items():
         for slot, value in slots.items():
             state[f"{OPTIM}{name}.{slot}"] = value.detach().clone()
     for prefix, values in ((ACCUM, train.accum), (SCALER, train.scaler), (RNG, train.rng)):
@@ -67,22 +77,23 @@ class Checkpoint:
 
 
 def read_checkpoint(state: Mapping[str, Any], module: torch.nn.Module, lr: float | None,
-                    stateful_methods: Sequence[str]) -> Checkpoint:
-    """Split ``state`` and check it fits ``module`` (the forward graph) and the model's methods; raises
-    ``CheckpointError`` naming every mismatch, having changed nothing."""
+                    stateful_methods: Sequence[str], replicas: Replicas | None = None) -> Checkpoint:
+    """Split ``state`` and check it fits ``module`` (the forward graph; its full shapes when sharded) and the
+    model's methods; raises ``CheckpointError`` naming every mismatch, having changed nothing."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"load_state_dict takes the dict m.state_dict() returned, got {type(state).__name__}")
-    own = module.state_dict()
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if replicas is not None:
+        own.update({k: v for k, v in replicas.full_shapes().items() if k in own})
     tensors = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
         raise CheckpointError(f"state_dict does not fit this model: missing {missing}, unexpected {unexpected}")
     for key, value in tensors.items():
-        if not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != own[key]:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise CheckpointError(f"state_dict entry {key!r} has shape {shape}, the model's has "
-                                  f"{tuple(own[key].shape)}")
+            raise CheckpointError(f"state_dict entry {key!r} has shape {shape}, the model's has {own[key]}")
     params = [n for n, _ in module.named_parameters()]
     slots: dict[str, dict[str, torch.Tensor]] = {}
     methods: dict[str, dict[str, Any]] = {}
@@ -123,13 +134,18 @@ def read_checkpoint(state: Mapping[str, Any], module: torch.nn.Module, lr: float
                       methods)
 
 
-def apply_checkpoint(checkpoint: Checkpoint, module: torch.nn.Module, train: TrainState) -> None:
-    """Copy a checked ``checkpoint`` into ``module`` and ``train`` (method state is loaded by the caller)."""
+def apply_checkpoint(checkpoint: Checkpoint, module: torch.nn.Module, train: TrainState,
+                     replicas: Replicas | None = None) -> None:
+    """Copy a checked ``checkpoint`` into ``module`` and ``train`` (cut to this rank's rows when sharded; method
+    state is loaded by the caller)."""
+    tensors, all_slots = checkpoint.module, checkpoint.slots
+    if replicas is not None:
+        tensors, all_slots = replicas.sharded(tensors, all_slots)
     with torch.no_grad():
-        module.load_state_dict(checkpoint.module, strict=True)
+        module.load_state_dict(tensors, strict=True)
     train.step, train.micro, train.skipped = (checkpoint.counters[k] for k in COUNTERS)
     train.lr = checkpoint.lr
-    train.slots = {n: {k: v.detach().clone() for k, v in s.items()} for n, s in checkpoint.slots.items()}
+    train.slots = {n: {k: v.detach().clone() for k, v in s.items()} for n, s in all_slots.items()}
     train.accum = {k: v.detach().clone() for k, v in checkpoint.accum.items()}
     train.scaler = {k: v.detach().clone() for k, v in checkpoint.scaler.items()}
     train.rng = {k: v.detach().clone() for k, v in checkpoint.rng.items()}

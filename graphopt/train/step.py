@@ -14,6 +14,7 @@ bit-identical when the loss or a gradient is not finite, counts the step in ``sk
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import replace
@@ -24,13 +25,14 @@ from torch.utils import _pytree as pytree
 
 from graphopt.captured import CapturedModel
 from graphopt.dispatch import STEP, dispatch
+from graphopt.distributed.replicas import OVERLAP
 from graphopt.errors import OptionError, StepError
 from graphopt.inputs import CallInputs, Dims
 from graphopt.progress import logger, stage
 from graphopt.rewrite.blocks import find_blocks
 from graphopt.train.checkpointing import checkpoint_blocks
 from graphopt.train.schedule import schedule_updates
-from graphopt.train.step_function import GradReduce, StepOptions, build_step_function, scaler_state
+from graphopt.train.step_function import StepOptions, build_step_function, scaler_state
 from graphopt.train.tracing import compile_graph, mark_dynamic, target_dims, trace_step
 
 NONFINITE = ("skip", "raise", "apply")
@@ -55,15 +57,13 @@ class TrainingStep:
     max_cached_graphs: int = 64
 
     def __init__(self, captured: CapturedModel, loss_fn: Callable[..., torch.Tensor] | None, backend: str,
-                 options: StepOptions, on_nonfinite: str, reduce_grad: GradReduce | None = None,
-                 checkpoint: bool | tuple[str, ...] | None = None) -> None:
+                 options: StepOptions, on_nonfinite: str, checkpoint: bool | tuple[str, ...] | None = None) -> None:
         self.captured = captured
         self.checkpoint = checkpoint
         self.loss_fn = loss_fn
         self.backend = backend
         self.options = options
         self.on_nonfinite = on_nonfinite
-        self.reduce_grad = reduce_grad
         self.traces = 0
         self._specialised: set[tuple[Any, int]] = set()  # dynamic dims the step's code made static
         self._cache: OrderedDict[Hashable, _Compiled] = OrderedDict()
@@ -90,13 +90,14 @@ class TrainingStep:
     def ensure_state(self, trainable: dict[str, torch.nn.Parameter]) -> None:
         """Create the optimizer state (and accumulation buffers, loss scale) that does not exist yet."""
         opt_ctx, optimizer = self.captured.contributions.optimizer
-        train = self.captured.train_state
+        train, parallel = self.captured.train_state, self.captured.parallel
+        state_for = optimizer.state_for if parallel is None else functools.partial(parallel.state_for, optimizer)
         for name, param in trainable.items():
             if name not in train.slots:
-                train.slots[name] = dispatch(opt_ctx, STEP, f"state of {name!r}", optimizer.state_for, name,
-                                             param.detach())
-            if self.options.accumulation_steps > 1 and name not in train.accum:
-                train.accum[name] = torch.zeros_like(param, memory_format=torch.preserve_format).detach()
+                train.slots[name] = dispatch(opt_ctx, STEP, f"state of {name!r}", state_for, name, param.detach())
+            if self.options.accumulation_steps > 1 and name not in train.accum:  # full-size, also when sharded
+                train.accum[name] = torch.zeros_like(param, memory_format=torch.preserve_format).detach() if (
+                    parallel is None) else param.new_zeros(parallel.shards[name].shape)
         if self.options.scaled and not train.scaler:
             train.scaler = scaler_state()
 
@@ -183,7 +184,9 @@ class TrainingStep:
         trained = frozenset(n for n in trainable if n not in skipped)
         blocks = self.checkpoint_paths(gm)
         options = replace(self.options, kind="accumulate" if accumulating else "update", checkpoint=blocks)
-        step_fn = build_step_function(gm, self.loss_fn, self.captured.contributions, options, self.reduce_grad)
+        parallel = self.captured.parallel
+        step_fn = build_step_function(gm, self.loss_fn, self.captured.contributions, options,
+                                      None if parallel is None else parallel.step_sync())
         args = self._arguments(named, trained, buffers, hyper, inputs, target)
         what = f"training step {variant or 'full graph'}{' (accumulate)' if accumulating else ''}"
         dims = self._dims()
@@ -196,11 +199,14 @@ class TrainingStep:
             recomputed = checkpoint_blocks(traced, blocks)
             logger.info("%s: %d blocks checkpointed (%d values recomputed in the backward)", what, len(blocks),
                         recomputed)
+        if parallel is not None:  # the parameter gathers of sharding="full" before each use (graphopt.distributed)
+            parallel.place_collectives(traced, what)
         traced = schedule_updates(traced)  # each update right after its gradient (graphopt.train.schedule)
         traced.graph.lint()
         traced.recompile()
-        return _Compiled(compile_graph(traced, self.backend, what, self.captured.count_compile), traced, trained,
-                         target_dims(target, inputs, self._dims()))
+        config = OVERLAP if parallel is not None else None  # inductor overlaps the collectives with compute
+        return _Compiled(compile_graph(traced, self.backend, what, self.captured.count_compile, config), traced,
+                         trained, target_dims(target, inputs, self._dims()))
 
 
 def _signature(tree: Any, dims: dict[Any, tuple[int, ...]]) -> Hashable:
