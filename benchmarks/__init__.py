@@ -43,6 +43,7 @@ CASES = (
     ("tract", "tract", "run_case"),
     ("layerdrop", "layerdrop", "bench_layerdrop"),
     ("real-models", "real_models", "bench_real_models"),
+    ("distributed", "distributed", "bench_distributed"),
 )
 
 

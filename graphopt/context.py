@@ -158,7 +158,8 @@ class MethodContext:
 
     def add_post_update(self, params: Iterable[str], fn: PostUpdate) -> None:
         """``fn(param, hyper)`` runs in the step graph right after each parameter in ``params`` is updated,
-        changing it in place (a proximal step, a projection)."""
+        changing it in place (a proximal step, a projection). With ``sharding="grad_op"``/``"full"``
+        (``graphopt.distributed``) ``param`` is this rank's rows of the parameter: the rule must act entry by entry."""
         self._require(APPLY, "add_post_update")
         self._contributions.post_updates.append(PostUpdateEntry(self, frozenset(params), fn))
 

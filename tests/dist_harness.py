@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch.nn import functional as F
 
 import graphopt
 
+sys.path.insert(0, str(Path(__file__).parent))  # models, also in the spawned processes
 BATCH = 8  # rows per step, split over the ranks
 COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast")
 
@@ -54,6 +56,14 @@ def make_model(kind: str, seed: int) -> nn.Module:
         model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3))
     elif kind == "sqrt":
         model = Sqrt()
+    elif kind == "residual":  # residual blocks (for checkpoint_blocks), dropout off: the same on every rank
+        from models import ResidualMLP
+
+        model = ResidualMLP(d_in=6, width=16, d_out=3, blocks=2, dropout=0.0)
+    elif kind == "gpt2":
+        from models import tiny_gpt2
+
+        return tiny_gpt2(seed).double()
     else:
         raise ValueError(kind)
     return model.double()
@@ -65,12 +75,26 @@ def batches(steps: int, seed: int = 1, classes: int = 3) -> list[tuple[torch.Ten
             for _ in range(steps)]
 
 
-def classes_of(case: dict) -> int:
-    return 4 if case.get("model") in ("wide", "sqrt") else 3
+def case_batches(case: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The case's batches: steps ``start … start + steps − 1`` of one fixed sequence."""
+    start, steps = case.get("start", 0), case.get("steps", 4)
+    if case.get("model") == "gpt2":
+        from models import lm_batch
+
+        return [lm_batch(BATCH, seed) for seed in range(start, start + steps)]
+    return batches(start + steps, classes=4 if case.get("model") in ("wide", "sqrt") else 3)[start:]
+
+
+def loss_of(case: dict) -> Any:
+    if case.get("model") == "gpt2":
+        from models import lm_loss
+
+        return lm_loss
+    return F.cross_entropy
 
 
 def compile_options(case: dict) -> dict[str, Any]:
-    keys = ("sharding", "bucket_mb", "sync_buffers", "gradient_accumulation_steps")
+    keys = ("sharding", "bucket_mb", "sync_buffers", "gradient_accumulation_steps", "checkpoint_blocks")
     options = {k: case[k] for k in keys if k in case}
     options["on_nonfinite"] = case.get("on_nonfinite", "apply")
     return options
@@ -111,7 +135,38 @@ def collective_summary(graph: torch.fx.GraphModule) -> dict[str, Any]:
     first_reduce = next((i for i, n in enumerate(nodes) if str(n.target).endswith(("all_reduce.default",
                                                                                    "reduce_scatter_tensor.default"))
                          ), -1)
-    return {"counts": counts, "prompt": prompt, "reduce_before_last_mm": 0 <= first_reduce < last_mm}
+    return {"counts": counts, "prompt": prompt, "reduce_before_last_mm": 0 <= first_reduce < last_mm,
+            "gathered_for_backward": _gathered_for_backward(nodes)}
+
+
+VIEWS = {"aten.view.default", "aten.slice.Tensor", "aten.detach.default", "aten.t.default", "aten.split_with_sizes."
+         "default", "<built-in function getitem>", "aten.expand.default", "aten.permute.default",
+         "aten.transpose.int", "aten._to_copy.default", "aten.unsqueeze.default", "aten.reshape.default"}
+
+
+def _gathered_for_backward(nodes: list[torch.fx.Node]) -> dict[str, int]:
+    """Forward parameter gathers whose full tensors (or views of them) a backward node reads, and gathers
+    that run in the backward pass."""
+    def backward(node: torch.fx.Node) -> bool:
+        return (node.meta.get("custom") or {}).get("graphopt_phase") == "backward"
+
+    leaking = again = 0
+    for node in nodes:
+        if not str(node.target).endswith("all_gather_into_tensor.default"):
+            continue
+        if backward(node):
+            again += 1
+            continue
+        seen, stack = set(), [node]
+        while stack:
+            current = stack.pop()
+            for user in current.users:
+                if backward(user):
+                    leaking += 1
+                elif user not in seen and (str(user.target) in VIEWS or "_c10d_functional" in str(user.target)):
+                    seen.add(user)
+                    stack.append(user)
+    return {"forward_values_read_by_backward": leaking, "backward_gathers": again}
 
 
 def _nbytes(tensors: Any) -> int:
@@ -119,8 +174,9 @@ def _nbytes(tensors: Any) -> int:
 
 
 def train_case(case: dict, rank: int, world: int, group: Any) -> dict[str, Any]:
-    """One rank's run of ``case`` on its rows of each batch (rank 0's init broadcast at capture)."""
-    data = batches(case.get("steps", 4), classes=classes_of(case))
+    """One rank's run of ``case`` on its rows of each batch (rank 0's init broadcast at capture); ``load``: a
+    checkpoint to start from; ``save``: where rank 0 writes the state dict afterwards."""
+    data = case_batches(case)
     rows = BATCH // world
     shard = [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]) for x, y in data]
     if "poison" in case:  # non-finite inputs on one rank at one step
@@ -128,7 +184,7 @@ def train_case(case: dict, rank: int, world: int, group: Any) -> dict[str, Any]:
         if rank == poisoned:
             shard[step][0][0, 0] = float("nan")
     model = make_model(case.get("model", "mlp"), 100 + rank)  # different per rank: capture broadcasts rank 0's
-    m = graphopt.compile(model, methods=case["methods"], loss_fn=F.cross_entropy, example_inputs=(shard[0][0],),
+    m = graphopt.compile(model, methods=case["methods"], loss_fn=loss_of(case), example_inputs=(shard[0][0],),
                          backend=case.get("backend", "eager"), process_group=group, **compile_options(case))
     if "load" in case:
         m.load_state_dict(torch.load(case["load"]))
@@ -146,10 +202,41 @@ def train_case(case: dict, rank: int, world: int, group: Any) -> dict[str, Any]:
         "state_bytes": _nbytes(v for slots in m.optimizer_state().values() for v in slots.values()),
         "graph": collective_summary(graph) if case.get("backend", "eager") == "eager" else None,
     }
-    if case.get("eval"):
+    if case.get("eval"):  # the forward outside the step (gathers the parameters under sharding="full")
         with torch.no_grad():
             result["eval"] = m.eval()(data[0][0])
+        try:
+            m(data[0][0])
+            result["eval_error"] = None
+        except graphopt.StepError as err:
+            result["eval_error"] = str(err)
+    if "save" in case and rank == 0:
+        torch.save(result["state"], case["save"])
     return result
+
+
+def ddp_runner(case: dict, rank: int, world: int, group: Any) -> dict[str, Any]:
+    """graphopt (``sync_buffers=case["sync_buffers"]``) beside torch's DistributedDataParallel
+    (``broadcast_buffers`` the same) with ``torch.optim.SGD``, both from rank 0's init, on the same batches."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    sync, lr = case["sync_buffers"], 0.1
+    data = case_batches(case)
+    rows = BATCH // world
+    shard = [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]) for x, y in data]
+    m = graphopt.compile(make_model(case["model"], 100 + rank), methods=[f"sgd(lr={lr})"], loss_fn=F.cross_entropy,
+                         backend="eager", process_group=group, sync_buffers=sync, on_nonfinite="apply",
+                         example_inputs=(shard[0][0],))
+    ddp = DistributedDataParallel(make_model(case["model"], 100 + rank), broadcast_buffers=sync)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=lr)
+    for x, y in shard:
+        m.step(x, y)
+        optimizer.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+    ours = {k: v for k, v in m.state_dict().items() if not k.startswith("_graphopt.")}
+    return {"graphopt": ours, "ddp": {k: v.detach().clone() for k, v in ddp.module.state_dict().items()},
+            "graph": collective_summary(m.training_graphs()[0])}
 
 
 def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -> None:
@@ -175,23 +262,25 @@ def run_ranks(cases: list[dict], tmp_path: Path, world: int = 2) -> list[list[di
     return [[torch.load(tmp_path / f"case{i}-rank{r}.pt") for r in range(world)] for i in range(len(cases))]
 
 
-def single_process(case: dict, steps: int | None = None, load: dict | None = None) -> graphopt.CompiledModel:
-    """The reference: the case's model (rank 0's init) trained in one process on the whole batches."""
-    data = batches(case.get("steps", 4), classes=classes_of(case))
+def single_process(case: dict, load: dict | None = None) -> tuple[graphopt.CompiledModel, list[float]]:
+    """The reference: the case's model (rank 0's init) trained in one process on the whole batches (from the
+    checkpoint ``load`` when given); the model and its losses."""
+    data = case_batches(case)
     if "poison" in case:
         step, poisoned = case["poison"]
         data[step][0][poisoned * (BATCH // case.get("world", 2)), 0] = float("nan")
     options = {k: v for k, v in compile_options(case).items() if k not in ("sharding", "bucket_mb", "sync_buffers")}
-    m = graphopt.compile(make_model(case.get("model", "mlp"), 100), methods=case["methods"], loss_fn=F.cross_entropy,
+    m = graphopt.compile(make_model(case.get("model", "mlp"), 100), methods=case["methods"], loss_fn=loss_of(case),
                          backend="eager", example_inputs=(data[0][0],), **options)
     if load is not None:
         m.load_state_dict(load)
-    for x, y in data[:steps]:
+    losses = []
+    for x, y in data:
         try:
-            m.step(x, y)
+            losses.append(m.step(x, y).item())
         except graphopt.StepError:
             pass
-    return m
+    return m, losses
 
 
 def assert_same_state(got: dict, expected: dict, atol: float = 1e-10, slots: bool = True) -> None:

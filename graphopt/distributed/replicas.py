@@ -84,7 +84,20 @@ class Replicas:
                         param.data = self.shards[name].local(param.data)
 
     # -- the training step ----------------------------------------------------------------------------
-    def step_sync(self) -> StepSync:
+    def step_sync(self, gm: torch.fx.GraphModule) -> StepSync:
+        """The collectives of a step graph of ``gm``; a parameter a model function replaced is taken as it is
+        now when nothing is sharded, and refused otherwise (its rows and optimizer state are laid out already)."""
+        if self.sharding == "none":
+            self.shards = {n: Shard(tuple(p.shape), self.rank, self.world, self.group, False)
+                           for n, p in gm.named_parameters()}
+            self.forward_order = forward_order(gm)
+        for name, param in gm.named_parameters():
+            shard = self.shards.get(name)
+            expected = None if shard is None else shard.shard_shape if self.sharding == "full" else shard.shape
+            if tuple(param.shape) != expected:
+                raise StepError(f"parameter {name!r} was replaced after capture (shape {tuple(param.shape)}; a model "
+                                f"function such as sora's prune?): not supported with sharding={self.sharding!r}, "
+                                "whose shards and optimizer state are laid out at capture; use sharding='none'")
         return StepSync(self)
 
     def place_collectives(self, traced: torch.fx.GraphModule, what: str) -> None:
@@ -97,10 +110,11 @@ class Replicas:
     def state_for(self, optimizer: Any, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
         """The optimizer's initial state of ``name``, made from the full parameter, its row slots cut to this
         rank's rows."""
-        shard = self.shards[name]
-        full = self._gather(shard, param) if self.sharding == "full" and shard.sharded else param
-        state = optimizer.state_for(name, full.detach())
-        return self._local_slots(name, state, optimizer)
+        shard = self.shards.get(name)
+        if shard is None or not shard.sharded:
+            return optimizer.state_for(name, param.detach())
+        full = self._gather(shard, param) if self.sharding == "full" else param
+        return self._local_slots(name, optimizer.state_for(name, full.detach()), optimizer)
 
     def _local_slots(self, name: str, slots: Mapping[str, torch.Tensor], optimizer: Any) -> dict[str, torch.Tensor]:
         shard = self.shards[name]

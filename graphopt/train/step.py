@@ -186,7 +186,7 @@ class TrainingStep:
         options = replace(self.options, kind="accumulate" if accumulating else "update", checkpoint=blocks)
         parallel = self.captured.parallel
         step_fn = build_step_function(gm, self.loss_fn, self.captured.contributions, options,
-                                      None if parallel is None else parallel.step_sync())
+                                      None if parallel is None else parallel.step_sync(self.captured.gm))
         args = self._arguments(named, trained, buffers, hyper, inputs, target)
         what = f"training step {variant or 'full graph'}{' (accumulate)' if accumulating else ''}"
         dims = self._dims()
