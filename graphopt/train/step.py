@@ -5,7 +5,10 @@ for gradient accumulation whether this micro-batch updates), builds the step fun
 (:mod:`graphopt.train.step_function`) for a variant it has not cached, traces it with dynamic input dims
 (:mod:`graphopt.train.tracing`), moves each update right after its gradient (:mod:`graphopt.train.schedule`)
 and compiles it. One compiled graph is cached per (variant, input signature, parameter layout): every batch
-size of a dynamic dim shares it. The step runs on its own random-number generator (``TrainState.step_rng``).
+size of a dynamic dim shares it. Data parallel (``process_group=``): the step function gets the collectives of
+``graphopt.distributed.step_sync``, the gathers of ``sharding="full"`` are placed before each use
+(``graphopt.distributed.gathers``), and inductor compiles with compute–communication overlap on. The step runs
+on its own random-number generator (``TrainState.step_rng``).
 
 ``on_nonfinite``: ``"apply"`` updates whatever the numbers; ``"skip"`` leaves parameters and optimizer state
 bit-identical when the loss or a gradient is not finite, counts the step in ``skipped`` and logs a warning;
