@@ -25,7 +25,7 @@ import torch
 import graphopt
 from graphopt.errors import OptionError
 from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta
-from graphopt.rewrite.layers import LayerCall
+from graphopt.rewrite.layers import LayerCall, check_rank
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -79,6 +79,7 @@ class LoRA(graphopt.Method):
         if shared:
             raise OptionError(f"method 'lora': layer(s) {', '.join(shared)} are called more than once (shared "
                               "weights); a folded branch would be added once per call: exclude them with targets=")
+        check_rank(self.name, self.r, layers)
         scale = lora_scale(self.r, self.alpha, self.use_rslora)
         for layer in layers:
             a, b = lora_factors(layer, self.r, ctx.parameter(layer.weight.target))

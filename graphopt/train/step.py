@@ -37,6 +37,7 @@ from graphopt.train.checkpointing import checkpoint_blocks
 from graphopt.train.schedule import schedule_updates
 from graphopt.train.step_function import StepOptions, build_step_function, scaler_state
 from graphopt.train.tracing import compile_graph, mark_dynamic, target_dims, trace_step
+from graphopt.uninterrupted import uninterrupted
 
 NONFINITE = ("skip", "raise", "apply")
 
@@ -90,25 +91,38 @@ class TrainingStep:
             values[key] = float(dispatch(entry.ctx, STEP, f"hyperparameter {key!r}", entry.fn, step))
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
 
-    def ensure_state(self, trainable: dict[str, torch.nn.Parameter]) -> None:
-        """Create the optimizer state (and accumulation buffers, loss scale) that does not exist yet."""
+    def ensure_state(self, trainable: dict[str, torch.nn.Parameter]) -> Callable[[], None]:
+        """Create the optimizer state (and accumulation buffers, loss scale) that does not exist yet; returns
+        what forgets it again (a step that fails leaves the state as it was)."""
         opt_ctx, optimizer = self.captured.contributions.optimizer
         train, parallel = self.captured.train_state, self.captured.parallel
         state_for = optimizer.state_for if parallel is None else functools.partial(parallel.state_for, optimizer)
-        for name, param in trainable.items():
-            if name not in train.slots:
-                train.slots[name] = dispatch(opt_ctx, STEP, f"state of {name!r}", state_for, name, param.detach())
-            if self.options.accumulation_steps > 1 and name not in train.accum:  # full-size, also when sharded
-                train.accum[name] = torch.zeros_like(param, memory_format=torch.preserve_format).detach() if (
-                    parallel is None) else param.new_zeros(parallel.shards[name].shape)
-        if self.options.scaled and not train.scaler:
+        slots = {n: dispatch(opt_ctx, STEP, f"state of {n!r}", state_for, n, p.detach())
+                 for n, p in trainable.items() if n not in train.slots}
+        accum = {n: (torch.zeros_like(p, memory_format=torch.preserve_format) if parallel is None  # full-size,
+                     else p.new_zeros(parallel.shards[n].shape)).detach()                          # also sharded
+                 for n, p in trainable.items() if self.options.accumulation_steps > 1 and n not in train.accum}
+        scaler = self.options.scaled and not train.scaler
+        train.slots.update(slots)
+        train.accum.update(accum)
+        if scaler:
             train.scaler = scaler_state()
+
+        def forget() -> None:
+            for name in slots:
+                train.slots.pop(name, None)
+            for name in accum:
+                train.accum.pop(name, None)
+            if scaler:
+                train.scaler = {}
+
+        return forget
 
     def __call__(self, inputs: CallInputs, target: Any) -> torch.Tensor:
         captured, train = self.captured, self.captured.train_state
         if captured.contributions.optimizer is None:
             raise OptionError('`.step` needs an optimizer method, e.g. methods=[..., "sgd(lr=0.1)"]')
-        accumulating = train.micro + 1 < self.options.accumulation_steps
+        captured.check_call(inputs)
         step = train.step + 1
         lr = train.lr_for(step)
         variant = tuple((e.ctx.method.name, v) for e in captured.contributions.step_variants
@@ -116,7 +130,22 @@ class TrainingStep:
         gm = captured.gm
         named = dict(gm.named_parameters())
         trainable = {n: p for n, p in named.items() if p.requires_grad}
-        self.ensure_state(trainable)
+        if not trainable:
+            raise StepError("nothing to train: the model has no parameter that requires a gradient (an empty model, "
+                            "or every parameter frozen)")
+        forget = self.ensure_state(trainable)
+        try:
+            return self._run(step, lr, variant, named, trainable, inputs, target)
+        except BaseException:
+            forget()
+            raise
+
+    def _run(self, step: int, lr: float, variant: tuple[tuple[str, Hashable], ...],
+             named: dict[str, torch.nn.Parameter], trainable: dict[str, torch.nn.Parameter], inputs: CallInputs,
+             target: Any) -> torch.Tensor:
+        captured, train = self.captured, self.captured.train_state
+        accumulating = train.micro + 1 < self.options.accumulation_steps
+        gm = captured.gm
         hyper = self.hyperparameters(step, lr)
         buffers = dict(gm.named_buffers())
         dims = self._dims()
@@ -132,22 +161,27 @@ class TrainingStep:
         if self.backend != "eager":
             mark_dynamic(inputs, dims, target, cached.target_dynamic)
         args = self._arguments(named, cached.trained, buffers, hyper, inputs, target)
-        with torch.no_grad(), train.step_rng(_devices(named, inputs)):
-            loss, ok, _ = cached.run(*args)
-        if ok is not None and not bool(ok):
-            return self._nonfinite(loss, step)
-        if accumulating:
-            train.micro += 1
-        else:
-            train.step, train.lr, train.micro = step, lr, 0
+        rng = dict(train.rng)  # the states are replaced, never written in place: a shallow copy restores them
+        with uninterrupted():  # a Ctrl-C lands before or after the step, never halfway through its writes
+            with torch.no_grad(), train.step_rng(_devices(named, inputs)):
+                loss, ok, _ = cached.run(*args)
+            if ok is not None and not bool(ok):
+                return self._nonfinite(loss, step, rng)
+            if accumulating:
+                train.micro += 1
+            else:
+                train.step, train.lr, train.micro = step, lr, 0
         return loss
 
-    def _nonfinite(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+    def _nonfinite(self, loss: torch.Tensor, step: int, rng: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``on_nonfinite="raise"``: a ``StepError`` with everything as before the call (the step RNG too);
+        ``"skip"``: count the batch as skipped and go on."""
         train = self.captured.train_state
-        train.skipped += 1
         what = f"step {step}: the loss ({float(loss):g}) or a gradient is not finite; nothing was updated"
         if self.on_nonfinite == "raise":
+            train.rng = rng
             raise StepError(f"{what} (on_nonfinite='raise'; use on_nonfinite='skip' to go on without the batch)")
+        train.skipped += 1
         logger.warning("%s (skipped, %d so far)", what, train.skipped)
         return loss
 

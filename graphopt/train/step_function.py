@@ -66,10 +66,29 @@ class StepOptions:
 def model_loss(output: Any) -> torch.Tensor:
     """The loss a model returned itself (``output["loss"]``, ``output.loss``); an error when there is none."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if not isinstance(loss, torch.Tensor):
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise StepError("`.step` needs a loss: the model returned none (pass labels= to a model that computes its "
                         "own loss, or graphopt.compile(..., loss_fn=...))")
     return loss
+
+
+def _user_loss(loss_fn: Callable[..., torch.Tensor], output: Any, target: Any) -> torch.Tensor:
+    """``loss_fn(output, target)``, which must be a scalar tensor; its errors say they come from ``loss_fn``."""
+    try:
+        loss = loss_fn(output, target)
+    except Exception as err:
+        raise StepError(f"loss_fn failed on the model's output ({_describe(output)}) and the target "
+                        f"({_describe(target)}): {type(err).__name__}: {err}") from err
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        raise StepError(f"loss_fn must return a scalar floating tensor (e.g. with reduction='mean'), got "
+                        f"{_describe(loss)}")
+    return loss
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return type(value).__name__
 
 
 def scaler_state() -> dict[str, torch.Tensor]:
@@ -102,7 +121,7 @@ def build_step_function(gm: torch.fx.GraphModule, loss_fn: Callable[..., torch.T
                                                         kwargs)
                 else:
                     output = torch.func.functional_call(gm, tensors, args, kwargs)
-                loss = model_loss(output) if loss_fn is None else loss_fn(output, target)
+                loss = model_loss(output) if loss_fn is None else _user_loss(loss_fn, output, target)
             for entry in contributions.loss_terms:
                 term = dispatch(entry.ctx, STEP, "loss term", entry.fn, full, hyper)
                 if term is not None:
