@@ -43,6 +43,9 @@ CASES = (
     ("tract", "tract", "run_case"),
     ("layerdrop", "layerdrop", "bench_layerdrop"),
     ("real-models", "real_models", "bench_real_models"),
+    ("hf: vs peft+compile", "hf_loops", "bench_hf_vs_peft_compiled"),
+    ("hf: compiles per epoch", "hf_loops", "bench_compile_counts"),
+    ("distributed", "distributed", "bench_distributed"),
     ("zoo", "zoo", "bench_zoo"),
 )
 

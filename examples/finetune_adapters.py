@@ -131,7 +131,7 @@ def main() -> None:
         torch.manual_seed(0)
         model, losses = finetune(pretrained, methods, shifted_tr, y_tr)
         curves[label] = losses
-        trainable = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.trainable_parameters().values())
         model.eval()
         acc = accuracy(model, shifted_te, y_te)
         model.train()

@@ -62,7 +62,7 @@ def main(adapter: str = "sora") -> None:
     ids, target = counting_batch(0)
     m = graphopt.compile(model, methods=[SPECS[adapter].format(t=TARGETS), "adamw(lr=1e-2, weight_decay=0.0)"],
                          loss_fn=lm_loss, example_inputs=(ids,), backend="eager", dynamic_dims=[(0, 1)])
-    trainable = sum(p.numel() for p in m.parameters())
+    trainable = sum(p.numel() for p in m.trainable_parameters().values())
     print(f"captured by {m.graph_module.meta['graphopt_capture']}; {adapter}: {trainable} trainable parameters "
           f"(base model: {base_params}, frozen)")
     for step in range(1, STEPS + 1):

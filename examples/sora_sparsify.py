@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import graphopt
+from graphopt.builtin.sora import lambda_at
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
             m.train()
             ranks = m.sora_ranks()
             total = sum(a for a, _ in ranks.values())
-            xi = method.hyperparameters(step)["sparse_lambda"]
+            xi = lambda_at(step, method.sparse_lambda, method.lambda_schedule, method.max_lambda, method.lambda_steps)
             per_layer = ", ".join(f"{k}:{a}" for k, (a, _) in ranks.items())
             print(f"{step:>6} {xi:>8.4f} {per_layer:<26} {total:>5} {acc:>8.3f}")
             rows.append((step, xi, total, acc))

@@ -35,6 +35,9 @@ def compile(
     trainable: str | Iterable[str] = (),
     checkpoint_blocks: bool | str | Iterable[str] | None = None,
     process_group: Any = None,
+    sharding: str = "none",
+    bucket_mb: float = 25,
+    sync_buffers: bool = False,
     capture: str = "export",
 ) -> Any:
     """Rewrite ``model`` with ``methods`` and return a :class:`CompiledModel` (a ``torch.nn.Module``).
@@ -47,7 +50,8 @@ def compile(
     the model is captured on its first call. ``dynamic_dims``: which input dims stay dynamic (default: the
     batch dim of every tensor input and the sequence dim of token tensors; see ``graphopt.inputs``).
     The training-loop options (``gradient_accumulation_steps``, ``precision``, ``on_nonfinite``,
-    ``trainable``, ``checkpoint_blocks``, ``process_group``) are described in ``graphopt.training_options``.
+    ``trainable``, ``checkpoint_blocks``) and the data-parallel ones (``process_group``, ``sharding``,
+    ``bucket_mb``, ``sync_buffers``) are described in ``graphopt.training_options`` (and ``graphopt.distributed``).
     ``capture="dynamo"``: for a model ``torch.export`` cannot capture (graph breaks, data-dependent Python
     control flow), train it through ``torch.compile`` with graphopt's backend instead; returns a
     :class:`graphopt.dynamo.DynamoModel` (the methods that work there are listed in ``graphopt.dynamo.model``).
@@ -55,7 +59,7 @@ def compile(
     if backend not in BACKENDS:
         raise OptionError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     options = TrainingOptions.create(gradient_accumulation_steps, precision, on_nonfinite, trainable,
-                                     checkpoint_blocks, process_group)
+                                     checkpoint_blocks, process_group, sharding, bucket_mb, sync_buffers)
     registry = {name: info.cls for name, info in method_registry().items()}
     resolved = resolve_methods(methods, registry)
     optimizers = [m.name for m in resolved if isinstance(m, Optimizer)]

@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from graphopt.errors import CaptureError, InputError
 from graphopt.inputs import CallInputs, Dims, Key, at_least_two, normalise_dynamic_dims
-from graphopt.plugins import get_plugin_manager
+from graphopt.plugins import call_hook
 from graphopt.progress import logger
 from graphopt.rewrite.meta import set_capture_info
 from graphopt.rewrite.normalise import normalise
@@ -104,7 +104,7 @@ def capture(model: nn.Module, inputs: CallInputs | tuple[Any, ...], dims: Dims |
     except TypeError as err:
         raise InputError(f"{type(model).__name__}.forward does not take the inputs {inputs.describe()}: {err}") from err
     model = copy.deepcopy(model)
-    hooked = get_plugin_manager().hook.graphopt_capture(model=model, example_inputs=inputs.args)
+    hooked = call_hook("graphopt_capture", first_result=True, model=model, example_inputs=inputs.args)
     if hooked is not None:
         set_capture_info(hooked, "plugin", dims)
         return hooked
@@ -123,6 +123,7 @@ def capture(model: nn.Module, inputs: CallInputs | tuple[Any, ...], dims: Dims |
         check_eval_mode(model, gm, inputs)
         return gm
     except Exception as export_error:
+        _check_model_runs(model, inputs)
         try:
             gm = torch.fx.symbolic_trace(model)
         except Exception as trace_error:
@@ -141,6 +142,20 @@ def capture(model: nn.Module, inputs: CallInputs | tuple[Any, ...], dims: Dims |
         normalise(gm)
         set_capture_info(gm, "symbolic_trace", dims, f"{type(export_error).__name__}: {_first_line(export_error)}")
         return gm
+
+
+def _check_model_runs(model: nn.Module, inputs: CallInputs) -> None:
+    """An ``InputError`` when the model itself raises on the example inputs (after ``torch.export`` failed):
+    no capture path can succeed, and the model's own error is the one to show."""
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            model(*inputs.args, **inputs.kwargs)
+    except Exception as err:
+        where = user_code_location(err)
+        at = f" at {where}" if where else ""
+        raise InputError(f"cannot capture {type(model).__name__}: the model itself raises on the example inputs "
+                         f"{inputs.describe()}{at}: {type(err).__name__}: {_first_line(err)}; pass example inputs "
+                         "the model accepts (dtype, shape, device)") from err
 
 
 def check_eval_mode(model: nn.Module, gm: torch.fx.GraphModule, inputs: CallInputs) -> None:

@@ -8,7 +8,9 @@ training step, and the inference and export forms of the graph (each built on fi
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -21,11 +23,14 @@ from graphopt.inputs import CallInputs, Dims, check_call
 from graphopt.quiet import quiet_torch_internals
 from graphopt.rewrite.adapters import drop_unused_parameters
 from graphopt.rewrite.modes import inference_graph
+from graphopt.train.checkpoint import Layout, LoadReport, Spec, apply_checkpoint, read_checkpoint
 from graphopt.train.state import TrainState
 from graphopt.train.tracing import compile_graph, mark_dynamic
+from graphopt.uninterrupted import uninterrupted
 
 if TYPE_CHECKING:
     from graphopt.context import MethodContext
+    from graphopt.distributed import Replicas
     from graphopt.train.step import TrainingStep
 
 
@@ -42,6 +47,7 @@ class CapturedModel:
         self.contributions = Contributions()
         self.contexts: list[MethodContext] = []
         self.trainer: TrainingStep | None = None
+        self.parallel: Replicas | None = None  # data parallel training (graphopt.distributed)
         self.compiles = 0  # backend compiles of the forward, inference and training-step graphs
         self._inference: torch.fx.GraphModule | None = None
         self._compiled_forward: dict[int, Callable[..., Any]] = {}
@@ -85,24 +91,34 @@ class CapturedModel:
             self._inference = inference
         return self._inference
 
+    def check_call(self, inputs: CallInputs) -> None:
+        """An ``InputError`` unless ``inputs`` fit the captured signature (see ``graphopt.inputs.check_call``)."""
+        check_call(self.example, self.dims, inputs)
+
     def forward(self, training: bool, backend: str, inputs: CallInputs) -> Any:
         """Run the training-mode forward graph or the inference graph on ``inputs`` (checked against the
         captured signature), compiled unless ``backend="eager"``."""
-        check_call(self.example, self.dims, inputs)
+        self.check_call(inputs)
         module = self.gm if training else self.inference_module()
-        if backend == "eager":
-            return module(*inputs.args, **inputs.kwargs)
-        compiled = self._compiled_forward.get(id(module))
-        if compiled is None:
-            what = "forward (training mode)" if training else "forward (inference)"
-            compiled = self._compiled_forward[id(module)] = compile_graph(module, backend, what, self.count_compile)
-        mark_dynamic(inputs, self.dims)
-        return compiled(*inputs.args, **inputs.kwargs)
+        with self._full_parameters(call=True):
+            if backend == "eager":
+                return module(*inputs.args, **inputs.kwargs)
+            compiled = self._compiled_forward.get(id(module))
+            if compiled is None:
+                what = "forward (training mode)" if training else "forward (inference)"
+                compiled = self._compiled_forward[id(module)] = compile_graph(module, backend, what,
+                                                                              self.count_compile)
+            mark_dynamic(inputs, self.dims)
+            return compiled(*inputs.args, **inputs.kwargs)
+
+    def _full_parameters(self, call: bool = False) -> Any:
+        """A context in which the graph holds full parameters (with ``sharding="full"`` they are gathered)."""
+        return contextlib.nullcontext() if self.parallel is None else self.parallel.full_parameters(self.gm, call)
 
     def export_graph(self, merge: bool) -> torch.fx.GraphModule:
         """A deep copy of the inference graph after every method's export passes of this ``merge``:
         ``True``, adapters folded into plain weights; ``False``, their compact form. Unused parameters go."""
-        with quiet_torch_internals():
+        with quiet_torch_internals(), self._full_parameters():
             gm = copy.deepcopy(self.inference_module())
         for entry in self.contributions.export_passes[bool(merge)]:
             dispatch(entry.ctx, EXPORT, f"export pass, merge={bool(merge)}", entry.fn, gm)
@@ -129,11 +145,60 @@ class CapturedModel:
     def stateful_methods(self) -> set[str]:
         return {entry.ctx.method.name for entry in self.contributions.states}
 
-    def load_method_states(self, states: Mapping[str, Mapping[str, Any]]) -> None:
-        """Give each method its part of ``states`` (already validated against :meth:`stateful_methods`)."""
-        for entry in self.contributions.states:
-            if entry.ctx.method.name in states:
-                dispatch(entry.ctx, STATE, "state load", entry.load, states[entry.ctx.method.name])
+    def checkpoint_layout(self, accumulation_steps: int = 1, scaled: bool = False) -> Layout:
+        """What a state dict must fit (``graphopt.train.checkpoint``): the graph's tensors as the methods' state
+        will shape them, the trainable parameters and the optimizer's slots of each."""
+        base = {k: (tuple(v.shape), v.dtype) for k, v in self.gm.state_dict().items()}
+        if self.parallel is not None:  # a sharded model's checkpoint is unsharded: full shapes
+            base.update({k: (shape, base[k][1]) for k, shape in self.parallel.full_shapes().items() if k in base})
+
+        def tensors(method_states: Mapping[str, Mapping[str, Any]]) -> dict[str, Spec]:
+            expected = dict(base)
+            for entry in self.contributions.states:
+                name = entry.ctx.method.name
+                if entry.shapes is not None and name in method_states:
+                    shapes = dispatch(entry.ctx, STATE, "state shapes", entry.shapes, method_states[name])
+                    for key, shape in shapes.items():
+                        if shape is None:
+                            expected.pop(key, None)
+                        else:
+                            expected[key] = (tuple(shape), base[key][1])
+            return expected
+
+        slots = None
+        if self.contributions.optimizer is not None:
+            opt_ctx, optimizer = self.contributions.optimizer
+
+            def slots(name: str, spec: Spec) -> dict[str, Spec]:
+                shape, dtype = spec
+                fresh = dispatch(opt_ctx, STATE, f"state of {name!r}", optimizer.state_for, name,
+                                 torch.empty(shape, dtype=dtype, device="meta"))
+                return {k: (tuple(v.shape), v.dtype) for k, v in fresh.items()}
+
+        trainable = [n for n, p in self.gm.named_parameters() if p.requires_grad]
+        return Layout(tensors, trainable, slots, sorted(self.stateful_methods()), accumulation_steps, scaled,
+                      self.train_state.lr)
+
+    def load_checkpoint(self, state: Mapping[str, Any], strict: bool = True, accumulation_steps: int = 1,
+                        scaled: bool = False) -> LoadReport:
+        """Check ``state`` completely against this model (``graphopt.train.checkpoint``), then load it: the
+        methods' own state first (which may resize their parameters), then the tensors and training state."""
+        checkpoint = read_checkpoint(state, self.checkpoint_layout(accumulation_steps, scaled), strict)
+        if self.parallel is not None:  # the unsharded checkpoint cut to this rank's rows
+            module, slots = self.parallel.sharded(checkpoint.module, checkpoint.slots)
+            checkpoint = dataclasses.replace(checkpoint, module=module, slots=slots)
+        loading = [e for e in self.contributions.states if e.ctx.method.name in checkpoint.methods]
+        before = [(e, dispatch(e.ctx, STATE, "state save", e.save)) for e in loading]
+        with uninterrupted():  # a Ctrl-C lands before or after the load, never halfway
+            try:
+                for entry in loading:
+                    dispatch(entry.ctx, STATE, "state load", entry.load, checkpoint.methods[entry.ctx.method.name])
+            except BaseException:
+                for entry, saved in before:  # a method that failed halfway: every method back as it was
+                    entry.load(saved)
+                raise
+            apply_checkpoint(checkpoint, self.gm, self.train_state, strict)
+        return checkpoint.report
 
     def descriptions(self) -> dict[str, str]:
         """What each method recorded about itself, by method name."""

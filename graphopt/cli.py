@@ -6,10 +6,11 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -21,26 +22,55 @@ from graphopt.plugins import list_methods
 from graphopt.rewrite.meta import capture_path
 
 
+class CommandError(GraphoptError, ValueError):
+    """A command-line argument that cannot be used (a model reference, a shape); the message says the fix."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def load_model(reference: str) -> nn.Module:
     """``MODULE:FACTORY`` or ``path/to/file.py:FACTORY`` → the model (the factory is called without arguments)."""
     module_name, sep, attr = reference.partition(":")
-    if not sep or not attr:
-        raise SystemExit(f"error: model reference {reference!r} must look like MODULE:FACTORY or file.py:FACTORY")
-    if module_name.endswith(".py") or Path(module_name).exists():
-        spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-        if spec is None or spec.loader is None:
-            raise SystemExit(f"error: cannot import {module_name!r}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        sys.path.insert(0, str(Path.cwd()))
-        module = importlib.import_module(module_name)
+    if not sep or not attr or not module_name:
+        raise CommandError(f"model reference {reference!r} must look like MODULE:FACTORY or file.py:FACTORY")
+    try:
+        if module_name.endswith(".py") or Path(module_name).exists():
+            if not Path(module_name).is_file():
+                raise CommandError(f"model file {module_name!r} does not exist")
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(module_name)
+    except CommandError:
+        raise
+    except SyntaxError as err:
+        raise CommandError(f"cannot import {module_name!r}: syntax error at line {err.lineno}: {err.msg}") from err
+    except Exception as err:
+        raise CommandError(f"cannot import {module_name!r}: {type(err).__name__}: {err}") from err
     factory = getattr(module, attr, None)
     if factory is None:
-        raise SystemExit(f"error: {module_name!r} has no attribute {attr!r}")
-    model = factory if isinstance(factory, nn.Module) else factory()
+        raise CommandError(f"{module_name!r} has no attribute {attr!r}")
+    if isinstance(factory, nn.Module):
+        return factory
+    if not callable(factory):
+        raise CommandError(f"{reference} is a {type(factory).__name__}: give a module or a function returning one")
+    try:
+        inspect.signature(factory).bind()
+    except (TypeError, ValueError) as err:
+        raise CommandError(f"{reference} needs arguments ({err}); give a factory that takes none") from err
+    try:
+        model = factory()
+    except Exception as err:
+        raise CommandError(f"{reference}() raised {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
-        raise SystemExit(f"error: {reference} gave {type(model).__name__}, not a torch.nn.Module")
+        raise CommandError(f"{reference} gave {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -53,12 +83,25 @@ def guess_input(model: nn.Module) -> tuple[int, ...]:
             return (2, module.in_channels, 32, 32)
         if isinstance(module, nn.Conv1d):
             return (2, module.in_channels, 64)
-    raise SystemExit("error: cannot guess the input shape; pass --input-shape, e.g. --input-shape 1,3,32,32")
+    raise CommandError("cannot guess the input shape; pass --input-shape, e.g. --input-shape 1,3,32,32")
+
+
+def parse_ints(text: str, option: str, minimum: int) -> tuple[int, ...]:
+    """``"2,16"`` → ``(2, 16)``; anything else is a ``CommandError`` naming ``option``."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise CommandError(f"{option} {text!r} must be comma-separated integers, e.g. {option} 2,16") from None
+    if any(v < minimum for v in values):
+        raise CommandError(f"{option} {text!r}: every value must be >= {minimum}")
+    return values
 
 
 def example_input(model: nn.Module, shape: str | None, dtype: str, high: int) -> torch.Tensor:
-    dims = tuple(int(d) for d in shape.split(",")) if shape else guess_input(model)
+    dims = parse_ints(shape, "--input-shape", 1) if shape else guess_input(model)
     if dtype == "int64":
+        if high < 1:
+            raise CommandError(f"--high {high} must be >= 1 (token ids are drawn from [0, high))")
         return torch.randint(0, high, dims)
     return torch.randn(dims)
 
@@ -78,7 +121,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def _compiled(args: argparse.Namespace) -> tuple[Any, torch.Tensor, nn.Module]:
     model = load_model(args.model)
     x = example_input(model, args.input_shape, args.input_dtype, args.high)
-    dims = None if args.dynamic_dims is None else [tuple(int(d) for d in args.dynamic_dims.split(",") if d)]
+    dims = None if args.dynamic_dims is None else [parse_ints(args.dynamic_dims, "--dynamic-dims", 0)]
     compiled = compile_model(model, methods=args.method or [], example_inputs=(x,), backend="eager",
                              dynamic_dims=dims)
     return compiled, x, model
@@ -109,8 +152,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from graphopt.bench import run
+    from graphopt.bench import bench_cases, run
 
+    if args.only:
+        names = [case.name for case in bench_cases(args.cases) if case.quick or not args.quick]
+        if not any(o in name for o in args.only for name in names):
+            raise CommandError(f"no bench case matches {' / '.join(args.only)}; the cases: {', '.join(names)}")
     run(quick=args.quick, only=args.only, json_path=args.json, cases_dir=args.cases)
     if args.json:
         print(f"wrote {args.json}")
@@ -118,8 +165,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphopt", description="Rewrite PyTorch training graphs with methods.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="graphopt", description="Rewrite PyTorch training graphs with methods.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the whole traceback")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     methods = sub.add_parser("methods", help="list every registered method with its stage, plugin and options")
     methods.add_argument("-v", "--verbose", action="store_true", help="also print each method's summary")
@@ -153,12 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; an error is one line on stderr (exit 2 for graphopt's own errors, 1 for others), or the
+    whole traceback with ``--debug``."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except GraphoptError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if args.debug:
+            raise
+        one_line = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        if isinstance(err, GraphoptError):
+            print(f"error: {one_line}", file=sys.stderr)
+            return 2
+        print(f"error: {type(err).__name__}: {one_line} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

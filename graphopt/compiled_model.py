@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,49 +28,22 @@ from torch import nn
 
 from graphopt.capture import capture
 from graphopt.captured import CapturedModel
-from graphopt.distributed import broadcast_module, gradient_mean
-from graphopt.errors import InputError, NotCapturedError, OptionError
+from graphopt.distributed import data_parallel
+from graphopt.errors import CheckpointError, InputError, NotCapturedError, OptionError
 from graphopt.inputs import CallInputs, DynamicDims, normalise_dynamic_dims
 from graphopt.interop import adapter_state, merge, peft
 from graphopt.method import Method
 from graphopt.optim import Optimizer
-from graphopt.plugins import get_plugin_manager
+from graphopt.plugins import call_hook
 from graphopt.progress import stage
 from graphopt.rewrite.meta import captured_dynamic_dims
 from graphopt.rewrite.passes import apply_methods
-from graphopt.train.checkpoint import apply_checkpoint, build_state_dict, read_checkpoint
+from graphopt.signed_forward import SignedForward
+from graphopt.train.checkpoint import LoadReport, build_state_dict
 from graphopt.train.state import LrSchedule, TrainState
 from graphopt.train.step import TrainingStep
 from graphopt.train.step_function import StepOptions
 from graphopt.training_options import TrainingOptions, step_inputs
-
-
-class _BoundForward:
-    """``m.forward`` of one compiled model: its forward, showing the original model's signature (tools such as
-    ``transformers.Trainer`` read it to pick the batch's columns)."""
-
-    __slots__ = ("model",)
-
-    def __init__(self, model: CompiledModel) -> None:
-        self.model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model._forward(*args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return self.model.forward_signature
-
-
-class _SignedForward:
-    """``CompiledModel.forward``: the plain function on the class, ``_BoundForward`` on an instance."""
-
-    def __init__(self, function: Callable[..., Any]) -> None:
-        self.function = function
-        functools.update_wrapper(self, function)
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        return self.function if instance is None else _BoundForward(instance)
 
 
 @dataclass(frozen=True)
@@ -107,9 +81,10 @@ class CompiledModel(nn.Module):
         optimizer = next((m for m in methods if isinstance(m, Optimizer)), None)
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # the step generator's, from the global one
         self._train_state = TrainState(lr=optimizer.lr if optimizer is not None else None, seed=seed)
-        self._pending_state: Mapping[str, Any] | None = None
+        self._pending_state: tuple[dict[str, Any], bool] | None = None
         self._captured: CapturedModel | None = None
         self._model: nn.Module | None = None
+        self._stepping = threading.Lock()
         self._become(copy.deepcopy(model))  # ours from now on; replaced by the graph once captured
 
     def _become(self, module: nn.Module) -> None:
@@ -134,19 +109,17 @@ class CompiledModel(nn.Module):
         captured = CapturedModel(gm, checks, captured_dynamic_dims(gm) or {}, self._train_state,
                                  frozenset(dir(type(self))))
         with stage(f"methods applied ({', '.join(m.name for m in self.methods) or 'none'})"):
-            apply_methods(captured, self.methods, self.options.trainable)
-        reduce_grad = None
-        if self.options.process_group is not None:  # data parallel: same start on every rank, mean gradient
-            broadcast_module(gm, self.options.process_group)
-            reduce_grad = gradient_mean(self.options.process_group)
+            # fresh copies: whatever a method keeps on itself starts clean on every capture (a failed one too)
+            apply_methods(captured, copy.deepcopy(self.methods), self.options.trainable)
+        captured.parallel = data_parallel(captured, self.options)  # None, or the replicas' plan (graphopt.distributed)
         device = next((p.device.type for p in gm.parameters()), "cpu")
         step_options = StepOptions(accumulation_steps=self.options.gradient_accumulation_steps,
                                    precision=self.options.precision, guarded=self.options.guarded,
                                    device_type=device)
         captured.trainer = TrainingStep(captured, self.loss_fn, self.backend, step_options,
-                                        self.options.on_nonfinite, reduce_grad, self.options.checkpoint_blocks)
+                                        self.options.on_nonfinite, self.options.checkpoint_blocks)
         if self._pending_state is not None:
-            self._load(captured, self._pending_state)
+            self._load(captured, *self._pending_state)
         self._structure = merge.original_structure(self._model)  # no data: for merged_module and adapter names
         self._captured, self._pending_state = captured, None
         self._become(gm)
@@ -184,16 +157,18 @@ class CompiledModel(nn.Module):
         inputs = CallInputs(args, kwargs)
         return self._ensure_captured(inputs).forward(self.training, self.backend, inputs)
 
-    forward = _SignedForward(_forward)
+    forward = SignedForward(_forward)
 
     def step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """One training step; returns the loss. ``m.step(*inputs, target)``: the last positional argument is
         the target of ``loss_fn``; ``m.step(**batch)``: ``labels`` is the target when ``loss_fn`` is given,
         else an input of a model that computes its own loss (``output.loss``)."""
         inputs, target = step_inputs(args, kwargs, self.loss_fn is not None)
-        captured = self._ensure_captured(inputs)
-        loss = captured.trainer(inputs, target)
-        get_plugin_manager().hook.graphopt_step_end(model=self, step=self._train_state.step, loss=loss)
+        with self._stepping:  # one step at a time: concurrent calls from threads are serialised
+            captured = self._ensure_captured(inputs)
+            loss = captured.trainer(inputs, target)
+            step = self._train_state.step
+        call_hook("graphopt_step_end", f" after step {step} was applied", model=self, step=step, loss=loss)
         return loss
 
     @property
@@ -279,20 +254,24 @@ class CompiledModel(nn.Module):
             raise TypeError("CompiledModel.state_dict() takes no arguments (a parent module's state_dict holds "
                             "this model's tensors without graphopt's own state)")
         captured = self.captured
-        return build_state_dict(captured.gm, self._train_state, captured.method_states())
+        return build_state_dict(captured.gm, self._train_state, captured.method_states(), captured.parallel)
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load what :meth:`state_dict` returned, all or nothing (deferred until capture when not captured)."""
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False) -> LoadReport | None:
+        """Load what :meth:`state_dict` returned, all or nothing: the whole state is checked first (keys, shapes,
+        dtypes, this optimizer's slots, finite values) and a mismatch is a ``CheckpointError`` that changed
+        nothing. ``strict=False`` leaves missing and unexpected entries out and returns them. Before capture the
+        state is kept and loaded when the model is captured."""
         if self._captured is None:
-            self._pending_state = dict(state)
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"load_state_dict takes the dict m.state_dict() returned, got "
+                                      f"{type(state).__name__}")
+            self._pending_state = (dict(state), strict)
             return None
-        self._load(self._captured, state)
-        return None
+        return self._load(self._captured, state, strict)
 
-    def _load(self, captured: CapturedModel, state: Mapping[str, Any]) -> None:
-        checkpoint = read_checkpoint(state, captured.gm, self._train_state.lr, sorted(captured.stateful_methods()))
-        apply_checkpoint(checkpoint, captured.gm, self._train_state)
-        captured.load_method_states(checkpoint.methods)
+    def _load(self, captured: CapturedModel, state: Mapping[str, Any], strict: bool = True) -> LoadReport:
+        return captured.load_checkpoint(state, strict, self.options.gradient_accumulation_steps,
+                                        self.options.precision == "16-mixed")
 
     # -- adapters, PEFT and plain models (graphopt.interop) -------------------------------------------------
     def merged_module(self) -> nn.Module:
@@ -342,6 +321,14 @@ class CompiledModel(nn.Module):
     def __dir__(self) -> Iterable[str]:
         functions = self._captured.contributions.functions if self._captured is not None else {}
         return [*super().__dir__(), *functions]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"a CompiledModel of {self.model_name} cannot be pickled or copied: its methods' "
+                        "contributions are bound to this model. Save m.state_dict() (torch.save) and load it into a "
+                        "model compiled again with graphopt.compile")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self.__reduce_ex__(2)
 
     def __repr__(self) -> str:
         specs = ", ".join(m.spec() for m in self.methods)

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from graphopt.contributions import Entry, PostUpdateEntry, StateEntry, VariantEntry
-from graphopt.dispatch import APPLY, FUNCTION
+from graphopt.dispatch import APPLY, FUNCTION, STATE
 from graphopt.errors import GraphoptError
 from graphopt.inputs import CallInputs
 from graphopt.plugins import plugin_of
@@ -158,7 +158,8 @@ class MethodContext:
 
     def add_post_update(self, params: Iterable[str], fn: PostUpdate) -> None:
         """``fn(param, hyper)`` runs in the step graph right after each parameter in ``params`` is updated,
-        changing it in place (a proximal step, a projection)."""
+        changing it in place (a proximal step, a projection). With ``sharding="grad_op"``/``"full"``
+        (``graphopt.distributed``) ``param`` is this rank's rows of the parameter: the rule must act entry by entry."""
         self._require(APPLY, "add_post_update")
         self._contributions.post_updates.append(PostUpdateEntry(self, frozenset(params), fn))
 
@@ -199,11 +200,15 @@ class MethodContext:
         self._contributions.onnx_translations[op] = Entry(self, fn)
 
     # -- apply: state, show, model functions ---------------------------------------------------------
-    def add_state(self, save: Callable[[], dict[str, Any]], load: Callable[[Mapping[str, Any]], None]) -> None:
+    def add_state(self, save: Callable[[], dict[str, Any]], load: Callable[[Mapping[str, Any]], None],
+                  shapes: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> None:
         """Method state saved in ``m.state_dict()`` as ``_graphopt.method.<method>.<key>`` (``save()``) and
-        restored from it (``load(state)``)."""
+        restored from it (``load(state)``, before the model's tensors are loaded; it may resize the method's
+        parameters with ``replace_parameter`` / ``remove_parameter``). ``shapes(state)`` then says which shape
+        each resized parameter will have (None: removed), so the whole checkpoint is checked before anything
+        is loaded."""
         self._require(APPLY, "add_state")
-        self._contributions.states.append(StateEntry(self, save, load))
+        self._contributions.states.append(StateEntry(self, save, load, shapes))
 
     def add_description(self, text: str) -> None:
         """What the method found or did, for ``graphopt show`` and ``m.descriptions()``."""
@@ -228,7 +233,7 @@ class MethodContext:
         """Replace parameter ``qualified`` by ``value`` (same ``requires_grad``). Its optimizer slots of the old
         parameter's shape become ``slots(slot)`` (e.g. the same rows selected); without ``slots`` its
         optimizer state is dropped and starts afresh at the next step. Compiled graphs are rebuilt."""
-        self._require(FUNCTION, "replace_parameter")
+        self._require((FUNCTION, STATE), "replace_parameter")
         old = self.parameter(qualified)
         owner, _, attr = qualified.rpartition(".")
         module = self.graph_module.get_submodule(owner) if owner else self.graph_module
@@ -238,7 +243,7 @@ class MethodContext:
 
     def remove_parameter(self, qualified: str) -> None:
         """Delete parameter ``qualified`` with its optimizer state; no node may read it any more."""
-        self._require(FUNCTION, "remove_parameter")
+        self._require((FUNCTION, STATE), "remove_parameter")
         readers = [n.name for n in self.graph_module.graph.nodes if n.op == "get_attr" and n.target == qualified]
         if readers:
             raise GraphoptError(f"cannot remove parameter {qualified!r}: nodes {', '.join(readers)} still read it")
@@ -250,12 +255,14 @@ class MethodContext:
 
     def graph_changed(self) -> None:
         """Say the forward graph was edited: it is checked, and compiled graphs are rebuilt on next use."""
-        self._require(FUNCTION, "graph_changed")
+        self._require((FUNCTION, STATE), "graph_changed")
         self._captured.graph_changed()
 
     # -- phase checks --------------------------------------------------------------------------------
-    def _require(self, phase: str, what: str) -> None:
-        if self.phase != phase:
-            when = {APPLY: "inside the method's apply(gm, ctx)", FUNCTION: "inside a model function"}[phase]
+    def _require(self, phases: str | tuple[str, ...], what: str) -> None:
+        allowed = (phases,) if isinstance(phases, str) else phases
+        if self.phase not in allowed:
+            when = " or ".join({APPLY: "inside the method's apply(gm, ctx)", FUNCTION: "inside a model function",
+                                STATE: "while its state loads"}[p] for p in allowed)
             raise GraphoptError(f"ctx.{what} may only be called {when} (called in phase {self.phase!r})")
 

@@ -49,6 +49,7 @@ class StateEntry(NamedTuple):
     ctx: MethodContext
     save: Callable[[], dict[str, Any]]
     load: Callable[[Mapping[str, Any]], None]
+    shapes: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Export: the rewritten model in inference form to ``.onnx``, ``.pt2`` or ``.py`` (format from the suffix).
 
-With ``merge=True`` the methods' export passes fold their nodes into plain weights first, so the file
-holds a plain model; with ``merge=False`` they leave their compact form (``CompiledModel.export_graph``).
-Every file is checked: ONNX with ``onnx.checker`` and onnxruntime against PyTorch (max abs difference
-over ``atol`` is an error), ``.pt2`` by loading it back and running it.
+Files are written all or nothing (:mod:`graphopt.staged_write`): a file that fails its check never reaches
+``path``, and a file already there stays as it was. With ``merge=True`` the methods' export passes fold
+their nodes into plain weights first, so the file holds a plain model; with ``merge=False`` they leave their
+compact form (``CompiledModel.export_graph``). Every file is checked: ONNX with ``onnx.checker`` and
+onnxruntime against PyTorch (max abs difference over ``atol`` is an error), ``.pt2`` by loading it back and
+running it.
 ONNX files are written by the first exporter path that works (``graphopt.export_fallbacks``: dynamo, dynamo
 with contiguous views, TorchScript); the report names it.
 The batch dimension (dim 0 of every tensor input) is dynamic in ``.onnx`` and ``.pt2``; more dynamic
@@ -16,9 +18,10 @@ specialised shows up as a static dim in the file, never as wrong numbers.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from graphopt.capture import bound_tensors, export_dynamic_shapes, kept_dynamic
 from graphopt.errors import ExportError
 from graphopt.export_fallbacks import export_onnx_file
 from graphopt.inputs import CallInputs, Dims, DynamicDims, grown, normalise_dynamic_dims
+from graphopt.staged_write import staged_write
 
 FORMATS = (".onnx", ".pt2", ".py")
 
@@ -61,6 +65,9 @@ def export(model: Any, path: str | os.PathLike[str],
     path = Path(path)
     if path.suffix not in FORMATS:
         raise ExportError(f"cannot export to {path.name!r}: use a path ending in one of {', '.join(FORMATS)}")
+    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not math.isfinite(atol) or atol < 0:
+        raise ExportError(f"atol={atol!r} is invalid; use a finite number >= 0 (the largest difference from PyTorch "
+                          "the written file may show)")
     captured = model.captured
     if example_inputs is None:
         inputs = captured.example
@@ -70,15 +77,17 @@ def export(model: Any, path: str | os.PathLike[str],
         inputs = CallInputs(tuple(example_inputs))
     dims = captured.dims if dynamic_dims is None else normalise_dynamic_dims(inputs, dynamic_dims)
     gm = captured.export_graph(merge)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         expected = gm(*inputs.args, **inputs.kwargs)
-    if path.suffix == ".py":
-        path.write_text(_python_source(gm, model, merge))
-        return ExportReport(path, "fx-python", None)
-    if path.suffix == ".pt2":
-        return _export_pt2(gm, path, inputs, expected, atol, dims)
-    return _export_onnx(gm, path, inputs, expected, atol, captured.onnx_translations(), dims)
+    with staged_write(path) as staged:  # written and checked beside the target, then renamed over it
+        if path.suffix == ".py":
+            staged.write_text(_python_source(gm, model, merge))
+            report = ExportReport(staged, "fx-python", None)
+        elif path.suffix == ".pt2":
+            report = _export_pt2(gm, staged, inputs, expected, atol, dims)
+        else:
+            report = _export_onnx(gm, staged, inputs, expected, atol, captured.onnx_translations(), dims)
+    return replace(report, path=path)
 
 
 def _python_source(gm: torch.fx.GraphModule, model: Any, merge: bool) -> str:
@@ -99,7 +108,8 @@ def _max_diff(expected: Any, actual: Any) -> float:
 
 def _check(diff: float, atol: float, path: Path) -> None:
     if not diff <= atol:
-        raise ExportError(f"{path} differs from the PyTorch model by {diff:.3g} (> atol={atol:g})")
+        raise ExportError(f"the exported {path.name} differs from the PyTorch model by {diff:.3g} (> atol={atol:g}); "
+                          "nothing was written")
 
 
 def _shapes(inputs: CallInputs) -> tuple[tuple[int, ...] | None, ...]:
@@ -154,7 +164,8 @@ def _export_onnx(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expec
     except Exception as err:
         dtypes = {x.dtype for _, x in inputs.items() if isinstance(x, torch.Tensor)}
         hint = "; onnxruntime lacks many float64 kernels: export a float32 model" if torch.float64 in dtypes else ""
-        raise ExportError(f"onnxruntime cannot load {path}: {err}{hint}") from err
+        raise ExportError(f"onnxruntime cannot load the exported {path.name} (nothing was written): {err}"
+                          f"{hint}") from err
 
     def run(call: CallInputs) -> list[Any]:
         tensors = [x for _, x in bound_tensors(gm.forward, call)]

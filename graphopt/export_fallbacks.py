@@ -90,4 +90,5 @@ def export_onnx_file(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, d
             reason = next((line for line in text.splitlines() if "Error" in line and "Create" not in line),
                           text.splitlines()[0] if text else "(no message)")
             failures.append(f"{name}: {type(err).__name__}: {reason.strip()[:400]}")
-    raise ExportError(f"torch.onnx.export failed for {path} on every exporter path:\n  " + "\n  ".join(failures))
+    raise ExportError(f"torch.onnx.export failed for {path.name} on every exporter path (nothing was written):"
+                      + "".join(f"\n  {failure}" for failure in failures))

@@ -14,6 +14,7 @@ class documents the whole contract, phase by phase.
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -109,6 +110,9 @@ class Method:
                 raise OptionError(
                     f"method {cls.name!r}: option {key!r} must be {_type_name(hint)}, got {value!r}"
                 )
+            if not _finite(value):
+                raise OptionError(f"method {cls.name!r}: option {key}={value!r} is invalid; use finite numbers "
+                                  "(no nan or inf)")
         try:
             return cls(**options)
         except OptionError:
@@ -145,6 +149,17 @@ class Method:
         See :class:`graphopt.context.MethodContext` for what may be recorded and when each part runs.
         """
         raise NotImplementedError(f"method {self.name!r} does not implement apply(gm, ctx)")
+
+
+def _finite(value: Any) -> bool:
+    """Whether every number in ``value`` (nested in tuples, lists and dicts) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _type_name(hint: Any) -> str:

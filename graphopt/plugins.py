@@ -26,6 +26,27 @@ def disabled_plugins() -> list[str]:
     return [n.strip() for n in os.environ.get("GRAPHOPT_DISABLE_PLUGINS", "").split(",") if n.strip()]
 
 
+def disabled_method_plugin(method: str) -> str | None:
+    """The entry point disabled by ``GRAPHOPT_DISABLE_PLUGINS`` that would register ``method``, if any: one of
+    that name, or one whose module registers it (imported without registering; one that fails is skipped)."""
+    blocked = set(disabled_plugins())
+    points = [p for p in importlib.metadata.entry_points(group="graphopt") if p.name in blocked]
+    for point in points:
+        if point.name == method:
+            return point.name
+    for point in points:
+        names: list[str] = []
+        try:
+            hook = getattr(point.load(), "graphopt_register_methods", None)
+            if hook is not None:
+                hook(register=lambda cls, names=names: names.append(getattr(cls, "name", "")))
+        except Exception:
+            continue
+        if method in names:
+            return point.name
+    return None
+
+
 def get_plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager, created on first use with every entry point loaded."""
     global _manager
@@ -132,6 +153,22 @@ def _check_method_class(cls: Any, plugin: str) -> None:
         raise PluginError(f"plugin {plugin!r}: method class {cls.__name__} has no `name`")
     if cls.stage not in STAGES:
         raise PluginError(f"plugin {plugin!r}: method {cls.name!r} has stage {cls.stage!r}; use one of {STAGES}")
+
+
+def call_hook(name: str, after: str = "", first_result: bool = False, **kwargs: Any) -> Any:
+    """Call every plugin's implementation of hook ``name`` (pluggy's order: the last registered first; with
+    ``first_result``, until one returns something else than None, which is returned). An exception becomes a
+    ``PluginError`` naming the plugin and the hook, ``after`` saying what already happened (the step applied)."""
+    manager = get_plugin_manager()
+    for impl in reversed(getattr(manager.hook, name).get_hookimpls()):
+        try:
+            result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+        except Exception as err:
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in {name}{after}: {type(err).__name__}: "
+                              f"{err}") from err
+        if first_result and result is not None:
+            return result
+    return None
 
 
 def list_methods() -> dict[str, MethodInfo]:

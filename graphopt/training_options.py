@@ -8,7 +8,10 @@ arguments split into the model's inputs and the loss target.
 | ``on_nonfinite`` | ``"raise"``, ``"skip"``, ``"apply"`` | a step with a non-finite loss or gradient |
 | ``trainable`` | module or parameter globs | kept trainable beside adapters (PEFT's ``modules_to_save``) |
 | ``checkpoint_blocks`` | None, True, or module globs | activation checkpointing of residual blocks |
-| ``process_group`` | a ``torch.distributed`` group | data parallel training |
+| ``process_group`` | a ``torch.distributed`` group | data parallel training (``graphopt.distributed``) |
+| ``sharding`` | ``"none"``, ``"grad_op"``, ``"full"`` | held whole per rank: all (DDP), params (ZeRO-2), none (FSDP) |
+| ``bucket_mb`` | number ≥ 0 (25) | MiB of gradients per collective (0: one tensor each) |
+| ``sync_buffers`` | bool (False) | broadcast the buffers from the first rank before each step's forward |
 
 ``on_nonfinite`` defaults to ``"raise"`` (``"skip"`` under 16-mixed). ``"apply"`` is the fastest: each
 parameter's update runs as soon as its gradient exists and the gradient dies there. ``"raise"`` and
@@ -17,11 +20,12 @@ parameter's update runs as soon as its gradient exists and the gradient dies the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from graphopt.distributed import check_process_group
+from graphopt.distributed import SHARDINGS, check_process_group
 from graphopt.errors import OptionError
 from graphopt.inputs import CallInputs
 
@@ -39,6 +43,9 @@ class TrainingOptions:
     trainable: tuple[str, ...] = ()
     checkpoint_blocks: bool | tuple[str, ...] | None = None
     process_group: Any = None
+    sharding: str = "none"
+    bucket_mb: float = 25.0
+    sync_buffers: bool = False
 
     @property
     def guarded(self) -> bool:
@@ -47,7 +54,8 @@ class TrainingOptions:
 
     @classmethod
     def create(cls, gradient_accumulation_steps: int = 1, precision: str = "32", on_nonfinite: str | None = None,
-               trainable: Any = (), checkpoint_blocks: Any = None, process_group: Any = None) -> TrainingOptions:
+               trainable: Any = (), checkpoint_blocks: Any = None, process_group: Any = None, sharding: str = "none",
+               bucket_mb: float = 25.0, sync_buffers: bool = False) -> TrainingOptions:
         """Check each option; ``OptionError`` names the option and what is allowed."""
         steps = gradient_accumulation_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -66,7 +74,24 @@ class TrainingOptions:
                                                                                            "checkpoint_blocks")
         if process_group is not None:
             check_process_group(process_group)
-        return cls(steps, precision, on_nonfinite, globs, blocks or None, process_group)
+        _check_parallel(process_group, sharding, bucket_mb, sync_buffers)
+        return cls(steps, precision, on_nonfinite, globs, blocks or None, process_group, sharding, float(bucket_mb),
+                   sync_buffers)
+
+
+def _check_parallel(process_group: Any, sharding: Any, bucket_mb: Any, sync_buffers: Any) -> None:
+    if sharding not in SHARDINGS:
+        raise OptionError(f"sharding={sharding!r} is invalid; use one of {', '.join(map(repr, SHARDINGS))}")
+    number = isinstance(bucket_mb, (int, float)) and not isinstance(bucket_mb, bool)
+    if not number or not math.isfinite(bucket_mb) or bucket_mb < 0:
+        raise OptionError(f"bucket_mb={bucket_mb!r} is invalid; use a number of MiB >= 0 (25, DDP's default; 0 "
+                          "reduces each gradient on its own)")
+    if not isinstance(sync_buffers, bool):
+        raise OptionError(f"sync_buffers={sync_buffers!r} is invalid; use True or False")
+    if process_group is None and (sharding != "none" or sync_buffers):
+        option = f"sharding={sharding!r}" if sharding != "none" else "sync_buffers=True"
+        raise OptionError(f"{option} needs data parallel training: pass process_group= (e.g. "
+                          "torch.distributed.group.WORLD after torch.distributed.init_process_group)")
 
 
 def _globs(value: Any, option: str) -> tuple[str, ...]:

@@ -139,7 +139,7 @@ def test_transformers_trainer_trains_the_adapters_with_its_own_optimizer(tmp_pat
     frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=3,
                              learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             remove_unused_columns=False, label_names=["labels"], use_cpu=True)
+                             label_names=["labels"], use_cpu=True)
     trainer = Trainer(model=m, args=args, train_dataset=Tokens())
     result = trainer.train()
     assert result.global_step == 9 and np.isfinite(result.training_loss)

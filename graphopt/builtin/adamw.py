@@ -26,6 +26,7 @@ class AdamW(graphopt.optim.Optimizer):
     """AdamW (decoupled weight decay), torch.optim.AdamW semantics (amsgrad off, maximize off)."""
 
     name = "adamw"
+    elementwise = True  # sharded training updates each rank's rows as they are
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2) -> None:

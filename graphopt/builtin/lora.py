@@ -24,7 +24,7 @@ import torch
 
 import graphopt
 from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta, weight_groups
-from graphopt.rewrite.layers import LayerCall
+from graphopt.rewrite.layers import LayerCall, check_rank
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -73,6 +73,7 @@ class LoRA(graphopt.Method):
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
         """A branch on every targeted layer; the fold to ``ctx``."""
         layers = ctx.select(self.targets)
+        check_rank(self.name, self.r, layers)
         paths = list(dict.fromkeys(layer.path for layer in layers))
         scale = lora_scale(self.r, self.alpha, self.use_rslora)
         for calls in weight_groups(ctx, layers):  # a shared weight: one branch, added at every call, folded once

@@ -11,6 +11,11 @@ For each weight with two or more dimensions (a conv weight ``(out, in, kh, kw)``
     N_orth = X (transposed back);  scale = max(1, rows/cols)^0.5
     W ← W·(1 − ηλ) − η·scale·N_orth
 
+Sharded (``sharding="grad_op"``/``"full"``), each rank runs the momentum step on its rows of ``B`` and ``G``,
+the rows of ``N`` are all-gathered, every rank orthogonalises the full ``N`` and keeps its rows of the step
+(Moonlight's distributed Muon, Liu et al. 2025, "Muon is Scalable for LLM Training"): the state stays sharded
+and the numbers are those of one process.
+
 Every other parameter (biases, norm weights) takes an AdamW step with lr ``adamw_lr``, betas (0.9, 0.95),
 eps 1e-8, no weight decay (``graphopt.optim.adam_step``). ``m.set_lr`` / a schedule scale both lrs alike:
 the AdamW lr is ``current_lr · adamw_lr / lr``. The weight decay is decoupled (as in AdamW); it is 0 by default.
@@ -27,6 +32,7 @@ from collections.abc import Mapping
 import torch
 
 import graphopt
+import graphopt.distributed
 from graphopt.optim.functional import adam_state, adam_step, newton_schulz
 from graphopt.optim.matrix import ADAMW_BETAS, ADAMW_EPS
 
@@ -72,12 +78,23 @@ class Muon(graphopt.optim.Optimizer):
 
     def update(self, name: str, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
                hyper: Mapping[str, torch.Tensor]) -> None:
-        lr = hyper["lr"]
         if not uses_muon(param):
-            adam_step(param, grad, state, lr * (self.adamw_lr / self.lr), ADAMW_BETAS, ADAMW_EPS, 0.0)
+            adam_step(param, grad, state, hyper["lr"] * (self.adamw_lr / self.lr), ADAMW_BETAS, ADAMW_EPS, 0.0)
             return
-        step = self.orthogonalised(self.direction(grad, state))
-        lr = lr.to(param.dtype)
+        self._apply(param, self.orthogonalised(self.direction(grad, state)), hyper)
+
+    def update_shard(self, name: str, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+                     hyper: Mapping[str, torch.Tensor], shard: graphopt.distributed.Shard) -> None:
+        """This rank's rows: the momentum step on them, the full direction gathered and orthogonalised."""
+        if not uses_muon(param):  # AdamW acts entry by entry
+            self.update(name, param, grad, state, hyper)
+            return
+        direction = shard.gather(self.direction(grad, state))
+        self._apply(param, shard.local(self.orthogonalised(direction)), hyper)
+
+    def _apply(self, param: torch.Tensor, step: torch.Tensor, hyper: Mapping[str, torch.Tensor]) -> None:
+        """``W ← W·(1 − ηλ) − η·step`` (``step`` is consumed)."""
+        lr = hyper["lr"].to(param.dtype)
         if self.weight_decay:
             param.mul_(1 - lr * self.weight_decay)
         param.sub_(step.mul_(lr))

@@ -27,6 +27,7 @@ class SGD(graphopt.optim.Optimizer):
     """SGD with momentum, Nesterov momentum and L2 weight decay (torch.optim.SGD semantics)."""
 
     name = "sgd"
+    elementwise = True  # sharded training updates each rank's rows as they are
     example: ClassVar[Mapping[str, float]] = {"lr": 0.1}
 
     def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> None:

@@ -37,13 +37,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 import graphopt
 from graphopt.builtin.lora import lora_delta, lora_factors
 from graphopt.rewrite.adapters import fold_output_deltas, insert_output_delta, remove_output_delta, weight_groups
-from graphopt.rewrite.meta import layer_path
+from graphopt.rewrite.layers import check_rank
 
 SCHEDULES = ("linear", "log-linear", "exp")
 _EXP_RATE = 5.0
@@ -119,7 +120,9 @@ class SoRA(graphopt.Method):
     def apply(self, gm: torch.fx.GraphModule, ctx: graphopt.MethodContext) -> None:
         """A gated branch on every targeted layer; the proximal gate step, ξ, export, ``prune`` to ``ctx``."""
         gates = []
-        for calls in weight_groups(ctx, ctx.select(self.targets)):  # a shared weight: one gated branch
+        layers = ctx.select(self.targets)
+        check_rank(self.name, self.r, layers)
+        for calls in weight_groups(ctx, layers):  # a shared weight: one gated branch, added at every call
             layer = calls[0]
             a, b = lora_factors(layer, self.r, ctx.parameter(layer.weight.target))  # LoRA's init (lora.py)
             names = [
@@ -136,9 +139,10 @@ class SoRA(graphopt.Method):
         ctx.add_post_update(gates, functools.partial(_proximal_gate_step, xi))
         ctx.add_export_pass(lambda export_gm: fold_output_deltas(export_gm, sora_delta, sora_fold_delta), merge=True)
         ctx.add_export_pass(_unmerged, merge=False)
-        removed: dict[str, int] = {}  # layers whose branch prune() removed: path -> r
-        ctx.add_model_function("sora_ranks", functools.partial(sora_ranks, ctx, self.r, removed))
-        ctx.add_model_function("prune", functools.partial(prune, ctx, self.r, removed))
+        ranks = Ranks(ctx, self.r, {layer_path_of(gate): list(range(self.r)) for gate in gates})
+        ctx.add_model_function("sora_ranks", ranks.report)
+        ctx.add_model_function("prune", ranks.prune)
+        ctx.add_state(ranks.save, ranks.load, ranks.shapes)
 
 
 def _proximal_gate_step(xi: str, gate: torch.Tensor, hyper: Mapping[str, torch.Tensor]) -> None:
@@ -175,50 +179,96 @@ def _branches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is sora_delta]
 
 
-def sora_ranks(ctx: graphopt.MethodContext, r: int, removed: Mapping[str, int]) -> dict[str, tuple[int, int]]:
-    """``m.sora_ranks()`` → ``{layer path: (active_rank, r)}``: active = gates not exactly zero; ``r`` the
-    configured rank. A layer whose branch ``prune()`` removed (no active rank left) reports ``(0, r)``."""
-    ranks = {layer_path(node): (int(torch.count_nonzero(ctx.parameter(node.args[3].target))), r)
-             for node in _branches(ctx.graph_module)}
-    for path, rank in removed.items():
-        ranks.setdefault(path, (0, rank))
-    return ranks
-
-
-def prune(ctx: graphopt.MethodContext, r: int, removed: dict[str, int]) -> None:
-    """``m.prune()``: remove the ranks whose gate is exactly zero, in place (returns the model).
-
-    For each branch with active ranks ``K``: ``sora_A ← A[K]``, ``sora_B ← B[:, K]``, ``sora_gate ← g[K]``
-    (new parameters, same names); the optimizer slots shaped like a parameter are sliced the same way, so
-    training continues where it was. A branch with no active rank is removed from the graph with its
-    parameters. The scale stays ``alpha/r``: outputs are unchanged.
-    """
-    gm = ctx.graph_module
-    seen: set[tuple[str, ...]] = set()  # a shared weight's branch (one node per call) is pruned once
+def _branch_calls(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
+    """Every branch's nodes by the layer path its parameters live under (a shared weight: one node per call)."""
+    calls: dict[str, list[torch.fx.Node]] = {}
     for node in _branches(gm):
-        if node.graph is not gm.graph or node not in gm.graph.nodes:
-            continue  # another call of a shared branch, removed with it
-        attrs = [a.target for a in node.args[1:4]]
-        if tuple(attrs) in seen:
-            continue
-        seen.add(tuple(attrs))
-        gate = ctx.parameter(attrs[2]).detach()
-        keep = torch.nonzero(gate != 0).flatten()
-        if keep.numel() == gate.numel():
-            continue
-        if keep.numel() == 0:
-            path = layer_path(node)
-            calls = [n for n in _branches(gm) if [a.target for a in n.args[1:4]] == attrs]  # every call of it
-            names = [name for call in calls for name in remove_output_delta(gm, call)]
-            for name in dict.fromkeys(names):
-                ctx.remove_parameter(name)
-            removed[path] = r
-            continue
-        for qualified in attrs:
-            dim = _PARAM_RANK_DIM[qualified.rpartition(".")[2]]
-            index = keep.to(ctx.parameter(qualified).device)
-            ctx.replace_parameter(qualified, ctx.parameter(qualified).detach().index_select(dim, index),
-                                  slots=lambda slot, dim=dim, index=index: slot.index_select(dim, index).clone())
+        calls.setdefault(layer_path_of(node.args[3].target), []).append(node)
+    return calls
+
+
+def layer_path_of(gate: str) -> str:
+    """The layer path of a gate parameter ``<path>.sora_gate``."""
+    return gate.rpartition(".")[0]
+
+
+class Ranks:
+    """Which of the ``r`` ranks of each layer's branch are still there: ``kept[path]`` lists their original
+    indices (all of them until ``prune``; none once the branch is removed). Saved with the model, so a pruned
+    model's checkpoint loads into a fresh one: loading prunes it to the same ranks first."""
+
+    def __init__(self, ctx: graphopt.MethodContext, r: int, kept: dict[str, list[int]]) -> None:
+        self.ctx, self.r, self.kept = ctx, r, kept
+
+    def report(self) -> dict[str, tuple[int, int]]:
+        """``m.sora_ranks()`` → ``{layer path: (active_rank, r)}``: active = gates not exactly zero; ``r`` the
+        configured rank. A layer whose branch ``prune()`` removed reports ``(0, r)``."""
+        ranks = {path: (int(torch.count_nonzero(self.ctx.parameter(calls[0].args[3].target))), self.r)
+                 for path, calls in _branch_calls(self.ctx.graph_module).items()}
+        return {path: ranks.get(path, (0, self.r)) for path in self.kept}
+
+    def prune(self) -> None:
+        """``m.prune()``: remove the ranks whose gate is exactly zero, in place (returns the model).
+
+        For each branch with active ranks ``K``: ``sora_A ← A[K]``, ``sora_B ← B[:, K]``, ``sora_gate ← g[K]``
+        (new parameters, same names); the optimizer slots shaped like a parameter are sliced the same way, so
+        training continues where it was. A branch with no active rank is removed from the graph with its
+        parameters. The scale stays ``alpha/r``: outputs are unchanged.
+        """
+        plan = {}
+        for path, calls in _branch_calls(self.ctx.graph_module).items():  # decide first, then change the model
+            gate = self.ctx.parameter(calls[0].args[3].target).detach()
+            keep = torch.nonzero(gate != 0).flatten().tolist()
+            if len(keep) < gate.numel():
+                plan[path] = keep
+        self._select({path: [self.kept[path][i] for i in keep] for path, keep in plan.items()})
+
+    def _select(self, wanted: Mapping[str, list[int]]) -> None:
+        """Keep, per layer, the original ranks ``wanted[path]`` (a subset of those kept now)."""
+        gm = self.ctx.graph_module
+        branches = _branch_calls(gm)
+        for path, keep in wanted.items():
+            positions = [self.kept[path].index(i) for i in keep]
+            calls = branches[path]
+            if not positions:  # every call of a shared branch removed, its parameters once
+                names = [name for call in calls for name in remove_output_delta(gm, call)]
+                for name in dict.fromkeys(names):
+                    self.ctx.remove_parameter(name)
+            for qualified in ([] if not positions else [a.target for a in calls[0].args[1:4]]):
+                dim = _PARAM_RANK_DIM[qualified.rpartition(".")[2]]
+                index = torch.tensor(positions, device=self.ctx.parameter(qualified).device)
+                self.ctx.replace_parameter(qualified, self.ctx.parameter(qualified).detach().index_select(dim, index),
+                                           slots=lambda slot, dim=dim, index=index: slot.index_select(dim, index))
+            self.kept[path] = list(keep)
+
+    def save(self) -> dict[str, Any]:
+        return {"kept": {path: list(keep) for path, keep in self.kept.items()}}
+
+    def shapes(self, state: Mapping[str, Any]) -> dict[str, tuple[int, ...] | None]:
+        """The shapes of the factors once ``load(state)`` pruned to the saved ranks (None: the branch removed)."""
+        saved = self._saved(state)
+        shapes: dict[str, tuple[int, ...] | None] = {}
+        for path, keep in saved.items():
+            if keep == self.kept[path]:
+                continue
+            a, b = self.ctx.parameter(f"{path}.sora_A"), self.ctx.parameter(f"{path}.sora_B")
+            sizes = {"A": (len(keep), a.shape[1]), "B": (b.shape[0], len(keep)), "gate": (len(keep),)}
+            shapes.update({f"{path}.sora_{k}": (v if keep else None) for k, v in sizes.items()})
+        return shapes
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self._select({path: keep for path, keep in self._saved(state).items() if keep != self.kept[path]})
+
+    def _saved(self, state: Mapping[str, Any]) -> dict[str, list[int]]:
+        kept = state.get("kept")
+        if not isinstance(kept, Mapping) or set(kept) != set(self.kept):
+            raise ValueError(f"the saved ranks are for layers {sorted(kept or {})}, this model's sora is on "
+                             f"{sorted(self.kept)}")
+        for path, keep in kept.items():
+            if not set(keep) <= set(self.kept[path]):
+                raise ValueError(f"layer {path!r} kept ranks {list(keep)} in the checkpoint, but this model has "
+                                 f"pruned it to {self.kept[path]} already: load into a model pruned less")
+        return {path: list(keep) for path, keep in kept.items()}
 
 
 @graphopt.hookimpl

@@ -22,6 +22,16 @@ Every optimizer gets two options from this base class without declaring them:
   The norm needs every gradient before any update, so with clipping all gradients are alive at once
   (one parameter-sized buffer per parameter); without it each gradient dies right after its update.
 
+Sharded training (``graphopt.compile(..., process_group=..., sharding="grad_op" | "full")``, see
+``graphopt.distributed``): each rank holds rows ``[r·k, (r+1)·k)`` of every parameter and of the slots
+:meth:`Optimizer.row_slots` names (by default, those of the parameter's shape), and the step calls
+:meth:`Optimizer.update_shard` with those rows and a :class:`graphopt.distributed.Shard`. An optimizer whose
+rule acts entry by entry sets ``elementwise = True`` and runs ``update`` on the rows as they are (sgd,
+adamw); otherwise the default gathers the parameter, gradient and row slots, runs ``update`` on the full
+tensors on every rank and keeps this rank's rows — correct for any rule, at the cost of full-size
+temporaries and three all-gathers; a rule can do better by overriding ``update_shard`` (muon gathers only its
+momentum direction, as Moonlight's distributed Muon; dion works on the rows, as its paper shows).
+
 Example (Lion, Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms":
 ``c = β1·m + (1−β1)·g; p ← p·(1 − lr·wd) − lr·sign(c); m ← β2·m + (1−β2)·g``)::
 
@@ -57,6 +67,7 @@ from graphopt.train.state import LrSchedule
 
 if TYPE_CHECKING:
     from graphopt.context import MethodContext
+    from graphopt.distributed import Shard
 
 COMMON_OPTIONS: tuple[Option, ...] = (
     Option("groups", "dict[str, dict[str, Any]] | None", None),
@@ -73,6 +84,7 @@ class Optimizer(Method):
     """
 
     stage: ClassVar[str] = "training"
+    elementwise: ClassVar[bool] = False  # the update of some rows of a parameter is those rows of its update
     lr: float
     groups: dict[str, dict[str, Any]] | None = None
     max_grad_norm: float | None = None
@@ -86,6 +98,27 @@ class Optimizer(Method):
                hyper: Mapping[str, torch.Tensor]) -> None:
         """Update ``param`` (and ``state``) in place from ``grad``."""
         raise NotImplementedError(f"optimizer {self.name!r} does not implement update()")
+
+    def row_slots(self, name: str, shape: tuple[int, ...], state: Mapping[str, torch.Tensor]) -> set[str]:
+        """The slots of ``state`` laid out row by row like parameter ``name`` (full shape ``shape``), which
+        sharding splits with it; by default those of the parameter's shape. The others stay whole on every rank."""
+        return {k for k, v in state.items() if tuple(v.shape) == tuple(shape)}
+
+    def update_shard(self, name: str, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+                     hyper: Mapping[str, torch.Tensor], shard: Shard) -> None:
+        """Update this rank's rows ``param`` (and ``state``) in place from the averaged gradient's rows ``grad``.
+
+        ``elementwise`` rules run :meth:`update` on the rows; otherwise the parameter, gradient and row slots
+        are gathered, :meth:`update` runs on the full tensors and this rank's rows are kept."""
+        if self.elementwise:
+            self.update(name, param, grad, state, hyper)
+            return
+        full = shard.gather(param)
+        slots = {k: shard.gather(v) if k in shard.row_slots else v for k, v in state.items()}
+        self.update(name, full, shard.gather(grad), slots, hyper)
+        param.copy_(shard.local(full))
+        for key in shard.row_slots:
+            state[key].copy_(shard.local(slots[key]))
 
     # -- options shared by every optimizer --------------------------------------------------------
     @classmethod
@@ -182,12 +215,16 @@ class Optimizer(Method):
         ctx.set_optimizer(self)
 
     def step_parameter(self, name: str, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-                       hyper: Mapping[str, torch.Tensor]) -> None:
-        """``update`` of parameter ``name`` under its group options (a group lr scales ``hyper["lr"]``)."""
+                       hyper: Mapping[str, torch.Tensor], shard: Shard | None = None) -> None:
+        """``update`` of parameter ``name`` under its group options (a group lr scales ``hyper["lr"]``);
+        ``update_shard`` when ``shard`` says ``param`` is this rank's rows of it."""
         rule = self.rule(name)
         if rule is not self and rule.lr != self.lr:
             hyper = {**hyper, "lr": hyper["lr"] * (rule.lr / self.lr)}
-        rule.update(name, param, grad, state, hyper)
+        if shard is None:
+            rule.update(name, param, grad, state, hyper)
+        else:
+            rule.update_shard(name, param, grad, state, hyper, shard)
 
     def spec(self) -> str:
         text = super().spec()

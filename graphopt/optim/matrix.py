@@ -10,11 +10,15 @@ Subclasses write :meth:`MatrixOptimizer.matrix_state` and :meth:`MatrixOptimizer
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from graphopt.optim import Optimizer
 from graphopt.optim.functional import adam_state, adam_step
+
+if TYPE_CHECKING:
+    from graphopt.distributed import Shard
 
 ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8
@@ -60,6 +64,14 @@ class MatrixOptimizer(Optimizer):
 
     def init_state(self, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.matrix_state(param) if is_matrix(param) else adam_state(param)
+
+    def update_shard(self, name: str, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+                     hyper: Mapping[str, torch.Tensor], shard: Shard) -> None:
+        """Sharded: AdamW on this rank's entries; a matrix gathered whole (``Optimizer.update_shard``)."""
+        if is_matrix(param):
+            super().update_shard(name, param, grad, state, hyper, shard)
+        else:
+            self.update(name, param, grad, state, hyper)
 
     def update(self, name: str, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
                hyper: Mapping[str, torch.Tensor]) -> None:

@@ -147,3 +147,14 @@ def module_types(gm: torch.fx.GraphModule) -> dict[str, str]:
         if path and path not in found and type(module) not in (torch.nn.Module, torch.fx.GraphModule):
             found[path] = type(module).__name__
     return found
+
+
+def check_rank(method: str, r: int, layers: Sequence[LayerCall]) -> None:
+    """An ``OptionError`` when rank ``r`` exceeds the larger side of a layer: a low-rank branch wider than the
+    layer itself only adds parameters (``r=100000`` on an 8-wide layer would add millions)."""
+    for layer in layers:
+        limit = max(layer.in_features, layer.out_features)
+        if r > limit:
+            raise OptionError(f"method {method!r}: option r={r} is larger than layer {layer.path!r} "
+                              f"({layer.in_features} -> {layer.out_features}); use r <= {limit} or exclude the layer "
+                              "from targets")

@@ -3,7 +3,8 @@
 | key | where | set by | meaning |
 |---|---|---|---|
 | ``graphopt_layer`` | ``node.meta`` | adapter helpers, tract | module path of the layer the node rewrites |
-| ``graphopt_update`` | ``node.meta["custom"]`` | the training step | the parameter whose update the node is |
+| ``graphopt_update`` | ``node.meta["custom"]`` | the training step | the parameter (or bucket) the node updates |
+| ``graphopt_gather`` | ``node.meta["custom"]`` | the training step | the parameter bucket a full-shard gather fetches |
 | ``graphopt_cut`` | ``node.meta`` | layer dropping | a ``detach`` where backward stops |
 | ``graphopt_capture`` | ``gm.meta`` | capture | which path captured the graph |
 | ``graphopt_dynamic_dims`` | ``gm.meta`` | capture | per input, the dims kept dynamic |
@@ -18,6 +19,7 @@ import torch
 
 LAYER = "graphopt_layer"
 UPDATE = "graphopt_update"
+GATHER = "graphopt_gather"
 CUT = "graphopt_cut"
 CAPTURE = "graphopt_capture"
 DYNAMIC_DIMS = "graphopt_dynamic_dims"
@@ -42,6 +44,17 @@ def update_tag(node: torch.fx.Node) -> str | None:
 def update_annotation(name: str) -> dict[str, str]:
     """What ``torch.fx.traceback.annotate`` records on the nodes of parameter ``name``'s update."""
     return {UPDATE: name}
+
+
+def gather_tag(node: torch.fx.Node) -> int | None:
+    """The bucket whose parameters the node gathers (``sharding="full"``), or None."""
+    custom = node.meta.get("custom") or {}
+    return custom.get(GATHER)
+
+
+def gather_annotation(bucket: int) -> dict[str, int]:
+    """What ``torch.fx.traceback.annotate`` records on the nodes gathering parameter bucket ``bucket``."""
+    return {GATHER: bucket}
 
 
 def is_cut(node: torch.fx.Node) -> bool:

@@ -23,7 +23,7 @@ from graphopt.context import MethodContext
 from graphopt.dispatch import APPLY, dispatch, method_error
 from graphopt.errors import OptionError
 from graphopt.method import Method
-from graphopt.plugins import get_plugin_manager
+from graphopt.plugins import call_hook
 
 
 def output_signature(output: Any) -> Any:
@@ -100,13 +100,14 @@ def kept_trainable(gm: torch.fx.GraphModule, globs: tuple[str, ...]) -> set[str]
 
 def _apply(captured: CapturedModel, method: Method, expected: Any) -> None:
     gm = captured.gm
-    hooks = get_plugin_manager().hook
     ctx = MethodContext(method, captured)
     captured.contexts.append(ctx)
-    hooks.graphopt_before_apply(method=method, graph_module=gm, ctx=ctx)
+    call_hook("graphopt_before_apply", f" before method {method.name!r} applied", method=method, graph_module=gm,
+              ctx=ctx)
     result = dispatch(ctx, APPLY, "apply", method.apply, gm, ctx)
     if result is not None and result is not gm:
         raise method_error(ctx, APPLY, "must rewrite the forward graph in place: apply(gm, ctx) changes gm and "
                                        f"returns None (it returned {type(result).__name__})")
     check_graph(ctx, gm, expected)
-    hooks.graphopt_after_apply(method=method, graph_module=gm, ctx=ctx)
+    call_hook("graphopt_after_apply", f" after method {method.name!r} applied", method=method, graph_module=gm,
+              ctx=ctx)

@@ -5,7 +5,10 @@ for gradient accumulation whether this micro-batch updates), builds the step fun
 (:mod:`graphopt.train.step_function`) for a variant it has not cached, traces it with dynamic input dims
 (:mod:`graphopt.train.tracing`), moves each update right after its gradient (:mod:`graphopt.train.schedule`)
 and compiles it. One compiled graph is cached per (variant, input signature, parameter layout): every batch
-size of a dynamic dim shares it. The step runs on its own random-number generator (``TrainState.step_rng``).
+size of a dynamic dim shares it. Data parallel (``process_group=``): the step function gets the collectives of
+``graphopt.distributed.step_sync``, the gathers of ``sharding="full"`` are placed before each use
+(``graphopt.distributed.gathers``), and inductor compiles with compute–communication overlap on. The step runs
+on its own random-number generator (``TrainState.step_rng``).
 
 ``on_nonfinite``: ``"apply"`` updates whatever the numbers; ``"skip"`` leaves parameters and optimizer state
 bit-identical when the loss or a gradient is not finite, counts the step in ``skipped`` and logs a warning;
@@ -14,6 +17,7 @@ bit-identical when the loss or a gradient is not finite, counts the step in ``sk
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import replace
@@ -24,14 +28,16 @@ from torch.utils import _pytree as pytree
 
 from graphopt.captured import CapturedModel
 from graphopt.dispatch import STEP, dispatch
+from graphopt.distributed.replicas import OVERLAP
 from graphopt.errors import OptionError, StepError
 from graphopt.inputs import CallInputs, Dims
 from graphopt.progress import logger, stage
 from graphopt.rewrite.blocks import find_blocks
 from graphopt.train.checkpointing import checkpoint_blocks
 from graphopt.train.schedule import schedule_updates
-from graphopt.train.step_function import GradReduce, StepOptions, build_step_function, scaler_state
+from graphopt.train.step_function import StepOptions, build_step_function, scaler_state
 from graphopt.train.tracing import compile_graph, mark_dynamic, target_dims, trace_step
+from graphopt.uninterrupted import uninterrupted
 
 NONFINITE = ("skip", "raise", "apply")
 
@@ -55,15 +61,13 @@ class TrainingStep:
     max_cached_graphs: int = 64
 
     def __init__(self, captured: CapturedModel, loss_fn: Callable[..., torch.Tensor] | None, backend: str,
-                 options: StepOptions, on_nonfinite: str, reduce_grad: GradReduce | None = None,
-                 checkpoint: bool | tuple[str, ...] | None = None) -> None:
+                 options: StepOptions, on_nonfinite: str, checkpoint: bool | tuple[str, ...] | None = None) -> None:
         self.captured = captured
         self.checkpoint = checkpoint
         self.loss_fn = loss_fn
         self.backend = backend
         self.options = options
         self.on_nonfinite = on_nonfinite
-        self.reduce_grad = reduce_grad
         self.traces = 0
         self._specialised: set[tuple[Any, int]] = set()  # dynamic dims the step's code made static
         self._cache: OrderedDict[Hashable, _Compiled] = OrderedDict()
@@ -87,24 +91,38 @@ class TrainingStep:
             values[key] = float(dispatch(entry.ctx, STEP, f"hyperparameter {key!r}", entry.fn, step))
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
 
-    def ensure_state(self, trainable: dict[str, torch.nn.Parameter]) -> None:
-        """Create the optimizer state (and accumulation buffers, loss scale) that does not exist yet."""
+    def ensure_state(self, trainable: dict[str, torch.nn.Parameter]) -> Callable[[], None]:
+        """Create the optimizer state (and accumulation buffers, loss scale) that does not exist yet; returns
+        what forgets it again (a step that fails leaves the state as it was)."""
         opt_ctx, optimizer = self.captured.contributions.optimizer
-        train = self.captured.train_state
-        for name, param in trainable.items():
-            if name not in train.slots:
-                train.slots[name] = dispatch(opt_ctx, STEP, f"state of {name!r}", optimizer.state_for, name,
-                                             param.detach())
-            if self.options.accumulation_steps > 1 and name not in train.accum:
-                train.accum[name] = torch.zeros_like(param, memory_format=torch.preserve_format).detach()
-        if self.options.scaled and not train.scaler:
+        train, parallel = self.captured.train_state, self.captured.parallel
+        state_for = optimizer.state_for if parallel is None else functools.partial(parallel.state_for, optimizer)
+        slots = {n: dispatch(opt_ctx, STEP, f"state of {n!r}", state_for, n, p.detach())
+                 for n, p in trainable.items() if n not in train.slots}
+        accum = {n: (torch.zeros_like(p, memory_format=torch.preserve_format) if parallel is None  # full-size,
+                     else p.new_zeros(parallel.shards[n].shape)).detach()                          # also sharded
+                 for n, p in trainable.items() if self.options.accumulation_steps > 1 and n not in train.accum}
+        scaler = self.options.scaled and not train.scaler
+        train.slots.update(slots)
+        train.accum.update(accum)
+        if scaler:
             train.scaler = scaler_state()
+
+        def forget() -> None:
+            for name in slots:
+                train.slots.pop(name, None)
+            for name in accum:
+                train.accum.pop(name, None)
+            if scaler:
+                train.scaler = {}
+
+        return forget
 
     def __call__(self, inputs: CallInputs, target: Any) -> torch.Tensor:
         captured, train = self.captured, self.captured.train_state
         if captured.contributions.optimizer is None:
             raise OptionError('`.step` needs an optimizer method, e.g. methods=[..., "sgd(lr=0.1)"]')
-        accumulating = train.micro + 1 < self.options.accumulation_steps
+        captured.check_call(inputs)
         step = train.step + 1
         lr = train.lr_for(step)
         variant = tuple((e.ctx.method.name, v) for e in captured.contributions.step_variants
@@ -112,7 +130,22 @@ class TrainingStep:
         gm = captured.gm
         named = dict(gm.named_parameters())
         trainable = {n: p for n, p in named.items() if p.requires_grad}
-        self.ensure_state(trainable)
+        if not trainable:
+            raise StepError("nothing to train: the model has no parameter that requires a gradient (an empty model, "
+                            "or every parameter frozen)")
+        forget = self.ensure_state(trainable)
+        try:
+            return self._run(step, lr, variant, named, trainable, inputs, target)
+        except BaseException:
+            forget()
+            raise
+
+    def _run(self, step: int, lr: float, variant: tuple[tuple[str, Hashable], ...],
+             named: dict[str, torch.nn.Parameter], trainable: dict[str, torch.nn.Parameter], inputs: CallInputs,
+             target: Any) -> torch.Tensor:
+        captured, train = self.captured, self.captured.train_state
+        accumulating = train.micro + 1 < self.options.accumulation_steps
+        gm = captured.gm
         hyper = self.hyperparameters(step, lr)
         buffers = dict(gm.named_buffers())
         dims = self._dims()
@@ -128,22 +161,27 @@ class TrainingStep:
         if self.backend != "eager":
             mark_dynamic(inputs, dims, target, cached.target_dynamic)
         args = self._arguments(named, cached.trained, buffers, hyper, inputs, target)
-        with torch.no_grad(), train.step_rng(_devices(named, inputs)):
-            loss, ok, _ = cached.run(*args)
-        if ok is not None and not bool(ok):
-            return self._nonfinite(loss, step)
-        if accumulating:
-            train.micro += 1
-        else:
-            train.step, train.lr, train.micro = step, lr, 0
+        rng = dict(train.rng)  # the states are replaced, never written in place: a shallow copy restores them
+        with uninterrupted():  # a Ctrl-C lands before or after the step, never halfway through its writes
+            with torch.no_grad(), train.step_rng(_devices(named, inputs)):
+                loss, ok, _ = cached.run(*args)
+            if ok is not None and not bool(ok):
+                return self._nonfinite(loss, step, rng)
+            if accumulating:
+                train.micro += 1
+            else:
+                train.step, train.lr, train.micro = step, lr, 0
         return loss
 
-    def _nonfinite(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+    def _nonfinite(self, loss: torch.Tensor, step: int, rng: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``on_nonfinite="raise"``: a ``StepError`` with everything as before the call (the step RNG too);
+        ``"skip"``: count the batch as skipped and go on."""
         train = self.captured.train_state
-        train.skipped += 1
         what = f"step {step}: the loss ({float(loss):g}) or a gradient is not finite; nothing was updated"
         if self.on_nonfinite == "raise":
+            train.rng = rng
             raise StepError(f"{what} (on_nonfinite='raise'; use on_nonfinite='skip' to go on without the batch)")
+        train.skipped += 1
         logger.warning("%s (skipped, %d so far)", what, train.skipped)
         return loss
 
@@ -183,7 +221,9 @@ class TrainingStep:
         trained = frozenset(n for n in trainable if n not in skipped)
         blocks = self.checkpoint_paths(gm)
         options = replace(self.options, kind="accumulate" if accumulating else "update", checkpoint=blocks)
-        step_fn = build_step_function(gm, self.loss_fn, self.captured.contributions, options, self.reduce_grad)
+        parallel = self.captured.parallel
+        step_fn = build_step_function(gm, self.loss_fn, self.captured.contributions, options,
+                                      None if parallel is None else parallel.step_sync(self.captured.gm))
         args = self._arguments(named, trained, buffers, hyper, inputs, target)
         what = f"training step {variant or 'full graph'}{' (accumulate)' if accumulating else ''}"
         dims = self._dims()
@@ -196,11 +236,14 @@ class TrainingStep:
             recomputed = checkpoint_blocks(traced, blocks)
             logger.info("%s: %d blocks checkpointed (%d values recomputed in the backward)", what, len(blocks),
                         recomputed)
+        if parallel is not None:  # the parameter gathers of sharding="full" before each use (graphopt.distributed)
+            parallel.place_collectives(traced, what)
         traced = schedule_updates(traced)  # each update right after its gradient (graphopt.train.schedule)
         traced.graph.lint()
         traced.recompile()
-        return _Compiled(compile_graph(traced, self.backend, what, self.captured.count_compile), traced, trained,
-                         target_dims(target, inputs, self._dims()))
+        config = OVERLAP if parallel is not None else None  # inductor overlaps the collectives with compute
+        return _Compiled(compile_graph(traced, self.backend, what, self.captured.count_compile, config), traced,
+                         trained, target_dims(target, inputs, self._dims()))
 
 
 def _signature(tree: Any, dims: dict[Any, tuple[int, ...]]) -> Hashable:

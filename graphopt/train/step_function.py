@@ -19,13 +19,16 @@ Options (:class:`StepOptions`):
   gradient are finite, and every update is computed on copies and written back only where ``ok``, so a
   non-finite step leaves parameters and optimizer state bit-identical. The updates then wait for the whole
   backward pass (every gradient is needed for ``ok``); unguarded, each runs as soon as its gradient exists.
+- data parallel (``sync``, :mod:`graphopt.distributed.step_sync`): the gradients are averaged over the ranks
+  bucket by bucket (each bucket tagged as a group, so it is issued as soon as its last gradient exists); the
+  verdict ``ok`` is every rank's; with sharding each update sees this rank's rows of the parameter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.fx.traceback import annotate
@@ -36,7 +39,10 @@ from graphopt.errors import StepError
 from graphopt.rewrite.meta import update_annotation
 from graphopt.train.checkpointing import BACKWARD, NodeByNode
 
-GradReduce = Callable[[torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:
+    from graphopt.distributed import Shard
+    from graphopt.distributed.step_sync import StepSync
+
 AUTOCAST = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 INIT_SCALE, GROWTH_INTERVAL, GROWTH, BACKOFF = 2.0**16, 2000, 2.0, 0.5
 
@@ -60,10 +66,29 @@ class StepOptions:
 def model_loss(output: Any) -> torch.Tensor:
     """The loss a model returned itself (``output["loss"]``, ``output.loss``); an error when there is none."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if not isinstance(loss, torch.Tensor):
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise StepError("`.step` needs a loss: the model returned none (pass labels= to a model that computes its "
                         "own loss, or graphopt.compile(..., loss_fn=...))")
     return loss
+
+
+def _user_loss(loss_fn: Callable[..., torch.Tensor], output: Any, target: Any) -> torch.Tensor:
+    """``loss_fn(output, target)``, which must be a scalar tensor; its errors say they come from ``loss_fn``."""
+    try:
+        loss = loss_fn(output, target)
+    except Exception as err:
+        raise StepError(f"loss_fn failed on the model's output ({_describe(output)}) and the target "
+                        f"({_describe(target)}): {type(err).__name__}: {err}") from err
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        raise StepError(f"loss_fn must return a scalar floating tensor (e.g. with reduction='mean'), got "
+                        f"{_describe(loss)}")
+    return loss
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return type(value).__name__
 
 
 def scaler_state() -> dict[str, torch.Tensor]:
@@ -73,9 +98,10 @@ def scaler_state() -> dict[str, torch.Tensor]:
 
 def build_step_function(gm: torch.fx.GraphModule, loss_fn: Callable[..., torch.Tensor] | None,
                         contributions: Contributions, options: StepOptions,
-                        reduce_grad: GradReduce | None = None) -> Callable[..., tuple[Any, ...]]:
-    """The training step as a function (see the module docstring). ``reduce_grad`` (data parallel, see
-    ``graphopt.distributed``) maps each gradient to the one the update uses (the mean over ranks)."""
+                        sync: StepSync | None = None) -> Callable[..., tuple[Any, ...]]:
+    """The training step as a function (see the module docstring). ``sync`` (data parallel, see
+    ``graphopt.distributed.step_sync``) adds the collectives: buffers synchronised before the forward, full
+    parameters gathered from shards, gradients averaged over the ranks, every rank's verdict on ``ok``."""
     opt_ctx, optimizer = contributions.optimizer
     dtype = AUTOCAST[options.precision]
     forward = NodeByNode(gm)
@@ -84,79 +110,96 @@ def build_step_function(gm: torch.fx.GraphModule, loss_fn: Callable[..., torch.T
              state: dict[str, dict[str, torch.Tensor]], accum: dict[str, torch.Tensor],
              scaler: dict[str, torch.Tensor], hyper: dict[str, torch.Tensor], args: tuple[Any, ...],
              kwargs: dict[str, Any], target: Any) -> tuple[Any, ...]:
+        if sync is not None:
+            sync.sync_buffers(buffers)
         with torch.enable_grad():
+            full, whole_frozen = sync.full_parameters(params, frozen) if sync is not None else (params, frozen)
             with torch.autocast(options.device_type, dtype=dtype, enabled=dtype is not None):
-                tensors = {**params, **frozen, **buffers}
+                tensors = {**full, **whole_frozen, **buffers}
                 if options.checkpoint:  # node by node, so the trace keeps each node's module path
                     output = torch.func.functional_call(forward, {f"gm.{k}": v for k, v in tensors.items()}, args,
                                                         kwargs)
                 else:
                     output = torch.func.functional_call(gm, tensors, args, kwargs)
-                loss = model_loss(output) if loss_fn is None else loss_fn(output, target)
+                loss = model_loss(output) if loss_fn is None else _user_loss(loss_fn, output, target)
             for entry in contributions.loss_terms:
-                term = dispatch(entry.ctx, STEP, "loss term", entry.fn, params, hyper)
+                term = dispatch(entry.ctx, STEP, "loss term", entry.fn, full, hyper)
                 if term is not None:
                     loss = loss + term
             scale = scaler["scale"] if options.scaled else None
             objective = loss * scale.to(loss.dtype) if scale is not None else loss
             with annotate(BACKWARD):
-                grads = list(torch.autograd.grad(objective, list(params.values()), allow_unused=True))
+                grads = list(torch.autograd.grad(objective, list(full.values()), allow_unused=True))
         with torch.no_grad():
-            ok = _update(params, grads, loss, scale, state, accum, scaler, hyper)
+            ok = _update(params, full, grads, loss, scale, state, accum, scaler, hyper)
         # torch.compile (2.13, CPU) drops in-place writes to 0-d float64 graph inputs that no output uses
         # (e.g. a step counter updated through torch.where): returning them keeps the writes
         kept = tuple(v for slots in (*state.values(), scaler) for v in slots.values() if v.dim() == 0)
         return loss.detach(), ok, kept
 
-    def _update(params: dict[str, torch.Tensor], grads: list[Any], loss: torch.Tensor, scale: Any,
-                state: dict[str, dict[str, torch.Tensor]], accum: dict[str, torch.Tensor],
-                scaler: dict[str, torch.Tensor], hyper: dict[str, torch.Tensor]) -> Any:
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
-        if scale is not None:  # as GradScaler.unscale_: multiply by the float32 reciprocal of S
-            inverse = scale.double().reciprocal().float()
-            grads = [g * inverse.to(g.dtype) for g in grads]
-        if options.kind == "accumulate":  # no update, no communication (DDP's no_sync)
+    def _update(params: dict[str, torch.Tensor], full: dict[str, torch.Tensor], grads: list[Any],
+                loss: torch.Tensor, scale: Any, state: dict[str, dict[str, torch.Tensor]],
+                accum: dict[str, torch.Tensor], scaler: dict[str, torch.Tensor], hyper: dict[str, torch.Tensor]) -> Any:
+        names, steps = list(params), options.accumulation_steps
+        inverse = scale.double().reciprocal().float() if scale is not None else None  # as GradScaler.unscale_
+
+        def unscaled(name: str, grad: Any) -> torch.Tensor:
+            if grad is None:  # unused: zero (shaped like the full parameter, read from no tensor)
+                grad = torch.zeros(full[name].shape, dtype=full[name].dtype, device=full[name].device)
+            return grad * inverse.to(grad.dtype) if inverse is not None else grad
+
+        def total(name: str, grad: Any) -> torch.Tensor:  # with the accumulated micro-batches
+            grad = unscaled(name, grad)
+            return accum[name] + grad / steps if steps > 1 else grad
+
+        if options.kind == "accumulate":  # no update, no gradient communication (DDP's no_sync)
+            grads = [unscaled(n, g) for n, g in zip(names, grads)]
             ok = _finite(loss, grads) if options.guarded else None
-            for name, grad in zip(params, grads):
-                total = accum[name] + grad / options.accumulation_steps
-                accum[name].copy_(total if ok is None else torch.where(ok, total, accum[name]))
+            if ok is not None and sync is not None:  # every rank skips alike
+                ok = sync.all_true(ok)
+            for name, grad in zip(names, grads):
+                value = accum[name] + grad / steps
+                accum[name].copy_(value if ok is None else torch.where(ok, value, accum[name]))
             return ok
-        if options.accumulation_steps > 1:
-            grads = [accum[n] + g / options.accumulation_steps for n, g in zip(params, grads)]
-        # the gradients are reduced one by one inside their update, unless every one is needed first
-        reduce_first = reduce_grad is not None and (options.guarded or optimizer.max_grad_norm is not None)
-        if reduce_first:
-            grads = [reduce_grad(g) for g in grads]
+        if sync is None:
+            grads = [total(n, g) for n, g in zip(names, grads)]
+        else:  # averaged over the ranks, bucket by bucket (this rank's rows when sharded)
+            grads = sync.reduce(full, dict(zip(names, grads)), total)
         ok = None
-        if options.guarded:  # every rank decides alike: a NaN anywhere is in every rank's reduced gradients
+        if options.guarded:  # every rank decides alike: the verdict is every rank's
             ok = _finite(loss, grads)
-            if reduce_grad is not None:
-                ok = reduce_grad(ok.to(loss.dtype)) == 1
+            if sync is not None:
+                ok = sync.all_true(ok)
         clip = None
         if optimizer.max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_; needs every gradient
-            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            clip = torch.clamp(optimizer.max_grad_norm / (total + 1e-6), max=1.0)
+            norm = sync.grad_norm(names, grads) if sync is not None else torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            clip = torch.clamp(optimizer.max_grad_norm / (norm + 1e-6), max=1.0)
+        updated = {}
         for (name, param), grad in zip(params.items(), grads):
             with annotate(update_annotation(name)):
-                if reduce_grad is not None and not reduce_first:
-                    grad = reduce_grad(grad)
                 if clip is not None:
                     grad = grad * clip.to(grad.dtype)
-                _apply_update(name, param, grad, state[name], hyper, ok)
-                if options.accumulation_steps > 1:
+                target = param if sync is None else sync.local_parameter(name, param)
+                _apply_update(name, target, grad, state[name], hyper, ok, None if sync is None else sync.shard(name))
+                updated[name] = target
+                if steps > 1:
                     accum[name].zero_()
+        if sync is not None:
+            sync.write_back(params, updated)
         if options.scaled:
             _update_scale(scaler, ok)
         return ok
 
     def _apply_update(name: str, param: torch.Tensor, grad: torch.Tensor, slots: dict[str, torch.Tensor],
-                      hyper: dict[str, torch.Tensor], ok: Any) -> None:
-        """The optimizer's update and the post-update rules of ``param``; with ``ok`` on copies, kept where ok."""
+                      hyper: dict[str, torch.Tensor], ok: Any, shard: Shard | None) -> None:
+        """The optimizer's update and the post-update rules of ``param`` (with sharding, this rank's rows of it:
+        ``shard``); with ``ok`` on copies, kept where ok."""
         target, target_slots = param, slots
         if ok is not None:
             target, target_slots = param.clone(), {k: v.clone() for k, v in slots.items()}
         dispatch(opt_ctx, STEP, f"update of {name!r}", optimizer.step_parameter, name, target, grad, target_slots,
-                 hyper)
+                 hyper, shard)
         for entry in contributions.post_updates:
             if name in entry.params:
                 dispatch(entry.ctx, STEP, f"post-update rule of {name!r}", entry.fn, target, hyper)

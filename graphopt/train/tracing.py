@@ -87,10 +87,11 @@ def _is_constant(size: Any) -> bool:
     return bool(node.shape_env.replace(node.expr).is_number)
 
 
-def compile_graph(graph: torch.fx.GraphModule, backend: str, what: str,
-                  on_compile: Callable[[], None] | None = None) -> Callable[..., Any]:
+def compile_graph(graph: torch.fx.GraphModule, backend: str, what: str, on_compile: Callable[[], None] | None = None,
+                  inductor_config: dict[str, Any] | None = None) -> Callable[..., Any]:
     """``graph`` itself for ``backend="eager"``, else ``torch.compile`` of it with a backend that logs each
-    compile (and says why when it compiles again) and calls ``on_compile``."""
+    compile (and says why when it compiles again) and calls ``on_compile``; ``inductor_config``: settings of
+    ``torch._inductor.config`` while it compiles."""
     if backend == "eager":
         return graph
     compiles = 0
@@ -101,7 +102,9 @@ def compile_graph(graph: torch.fx.GraphModule, backend: str, what: str,
         if on_compile is not None:
             on_compile()
         again = "" if compiles == 1 else " again, for input shapes the first compile specialised (size-1 dims)"
-        with stage(f"{what}: {backend} compile{again}", announce=True):
+        from torch._inductor import config as inductor
+
+        with stage(f"{what}: {backend} compile{again}", announce=True), inductor.patch(inductor_config or {}):
             return torch._dynamo.lookup_backend(backend)(fx_graph, example_inputs)
 
     return torch.compile(graph, backend=compile_with_log, fullgraph=True, dynamic=None)
