@@ -190,12 +190,17 @@ class CapturedModel:
         loading = [e for e in self.contributions.states if e.ctx.method.name in checkpoint.methods]
         before = [(e, dispatch(e.ctx, STATE, "state save", e.save)) for e in loading]
         with uninterrupted():  # a Ctrl-C lands before or after the load, never halfway
+            loaded = 0
             try:
                 for entry in loading:
+                    loaded += 1
                     dispatch(entry.ctx, STATE, "state load", entry.load, checkpoint.methods[entry.ctx.method.name])
             except BaseException:
-                for entry, saved in before:  # a method that failed halfway: every method back as it was
+                *done, failed = before[:loaded]
+                for entry, saved in done:  # every method loaded before the failure back as it was
                     entry.load(saved)
+                with contextlib.suppress(Exception):  # the failing one too, if its load can run at all
+                    failed[0].load(failed[1])
                 raise
             apply_checkpoint(checkpoint, self.gm, self.train_state, strict)
         return checkpoint.report

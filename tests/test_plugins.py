@@ -70,7 +70,8 @@ def test_disabled_plugin_is_blocked(install_plugin, monkeypatch) -> None:
     assert "sgd" in graphopt.list_methods()
     monkeypatch.setenv("GRAPHOPT_DISABLE_PLUGINS", "sgd")
     graphopt.plugins.reset()
-    with pytest.raises(graphopt.OptionError, match="unknown method 'sgd'"):
+    with pytest.raises(graphopt.OptionError, match="method 'sgd' comes from plugin 'sgd', which "
+                       "GRAPHOPT_DISABLE_PLUGINS disables"):
         graphopt.compile(methods=["sgd(lr=0.1)"])
 
 
