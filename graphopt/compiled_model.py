@@ -295,7 +295,7 @@ class CompiledModel(nn.Module):
         trainable = [n for n, p in gm.named_parameters() if p.requires_grad and n in original]
         config = getattr(self._structure.module.get_submodule(submodule), "config", None)
         return peft.save_pretrained(directory, gm, self.methods, trainable, submodule,
-                                    getattr(config, "_name_or_path", None) or None)
+                                    getattr(config, "_name_or_path", None) or None, self._structure.module)
 
     # -- functions methods added --------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -233,7 +233,6 @@ def test_save_pretrained_of_a_wrapper_with_submodule(tmp_path) -> None:
 # -- errors ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config, setting", [
     (peft.LoraConfig(r=2, target_modules=["query"], use_dora=True), "use_dora"),
-    (peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]), "modules_to_save"),
     (peft.LoraConfig(r=2, target_modules=["query"], bias="lora_only"), "bias"),
     (peft.LoraConfig(r=2, target_modules=["query", "value"], rank_pattern={"value": 4}), "rank_pattern"),
     (peft.OFTConfig(r=0, oft_block_size=8, target_modules=["query"], coft=True), "coft"),
@@ -275,3 +274,108 @@ def test_from_peft_trains(tmp_path) -> None:
     for _ in range(10):
         m.step(TOKENS, labels)
     assert eval_loss() < before  # measured without dropout: training lowered the loss
+
+
+# -- modules_to_save both ways ----------------------------------------------------------------------------
+LABELS = torch.tensor([0, 1, 2])
+
+
+def cross_entropy(out, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.logits, y)
+
+
+def test_peft_modules_to_save_load_into_graphopt_and_train(tmp_path) -> None:
+    """PEFT trains a LoRA plus the classifier (modules_to_save, dropout on); graphopt loads both, computes PEFT's
+    eval logits, trains the classifier; the user's base model is left alone."""
+    base = hf_bert()
+    untouched = copy.deepcopy(base.state_dict())
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "value"],
+                             modules_to_save=["classifier"])
+    p = peft.get_peft_model(copy.deepcopy(base), config)
+    opt = torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=1e-2)
+    p.train()
+    for _ in range(3):
+        opt.zero_grad()
+        p(TOKENS, labels=LABELS).loss.backward()
+        opt.step()
+    saved_classifier = p.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    assert (saved_classifier - base.classifier.weight).abs().max().item() > 1e-3   # PEFT trained it
+    p.save_pretrained(tmp_path)
+    p.eval()
+    expected = logits(p, TOKENS)
+    m = graphopt.from_peft(base, tmp_path, methods=["adamw(lr=1e-2)"], example_inputs=(TOKENS,), backend="eager",
+                           loss_fn=cross_entropy)
+    assert {"classifier.weight", "classifier.bias"} <= set(m.trainable_parameters())
+    assert_close(m.trainable_parameters()["classifier.weight"].detach(), saved_classifier)
+    assert_close(logits(m.eval(), TOKENS), expected)
+    from_object = graphopt.from_peft(base, p, example_inputs=(TOKENS,), backend="eager")   # a live PeftModel
+    assert_close(logits(from_object.eval(), TOKENS), expected)
+    before = m.trainable_parameters()["classifier.weight"].detach().clone()
+    m.train()
+    for _ in range(3):
+        m.step(TOKENS, LABELS)
+    assert (m.trainable_parameters()["classifier.weight"].detach() - before).abs().max().item() > 1e-4
+    for name, value in base.state_dict().items():
+        assert torch.equal(value, untouched[name]), name
+    both = graphopt.from_peft(base, tmp_path, example_inputs=(TOKENS,), backend="eager", trainable="bert.pooler")
+    assert {n.rpartition(".")[0] for n in both.trainable_parameters() if "lora" not in n} == {
+        "classifier", "bert.pooler.dense"}
+
+
+@pytest.mark.parametrize("trainable, saved", [(["classifier"], ["classifier"]), (["classifier.*"], ["classifier"]),
+                                              (["classifier", "bert.pooler"], ["bert.pooler", "classifier"])])
+def test_graphopt_trainable_modules_load_into_peft(trainable, saved, tmp_path) -> None:
+    base = hf_bert()
+    m = compile_eager(base, ["lora(r=4, alpha=8, dropout=0.1, targets=['*.query', '*.value'])", "adamw(lr=1e-2)"],
+                      trainable=trainable, loss_fn=cross_entropy)
+    m.train()
+    for _ in range(3):
+        m.step(TOKENS, LABELS)
+    m.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == saved
+    loaded = peft.PeftModel.from_pretrained(hf_bert(), tmp_path).eval()
+    wrapper = loaded.base_model.model.classifier
+    assert isinstance(wrapper, peft.utils.other.ModulesToSaveWrapper)
+    trained = m.trainable_parameters()["classifier.weight"].detach()
+    assert (trained - base.classifier.weight).abs().max().item() > 1e-4        # graphopt trained it
+    assert_close(wrapper.modules_to_save["default"].weight.detach(), trained)
+    assert_close(logits(loaded, TOKENS), logits(m.eval(), TOKENS))
+
+
+def test_modules_to_save_of_a_wrapper_with_submodule(tmp_path) -> None:
+    class Wrapper(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x).logits
+
+    base = hf_bert()
+    m = compile_eager(Wrapper(base), ["lora(r=2, targets='*.query')", "sgd(lr=0.1)"], trainable=["model.classifier"])
+    randomise(m)
+    m.save_pretrained(tmp_path, submodule="model")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        assert_close(logits(loaded, TOKENS), m.eval()(TOKENS))
+    back = graphopt.from_peft(Wrapper(base), tmp_path, example_inputs=(TOKENS,), submodule="model", backend="eager")
+    assert {"model.classifier.weight", "model.classifier.bias"} <= set(back.trainable_parameters())
+    with torch.no_grad():
+        assert_close(back.eval()(TOKENS), m(TOKENS))
+
+
+@pytest.mark.parametrize("trainable, named", [(["classifier.bias"], "classifier.bias"),
+                                              (["*.bias"], "bert.embeddings.LayerNorm.bias")])
+def test_partial_trainable_modules_are_refused_by_save_pretrained(trainable, named: str, tmp_path) -> None:
+    m = compile_eager(hf_bert(), ["lora(r=2, targets='*.query')", "sgd(lr=0.1)"], trainable=trainable)
+    with pytest.raises(graphopt.GraphoptError, match=rf"base parameters .*{named}.* train, but not their whole "
+                                                     r"modules.*train whole modules"):
+        m.save_pretrained(tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_adapter_inside_a_module_to_save_is_refused(tmp_path) -> None:
+    m = compile_eager(hf_bert(), ["lora(r=2, targets='classifier')", "sgd(lr=0.1)"], trainable=["classifier"])
+    with pytest.raises(graphopt.GraphoptError, match="'classifier' lies inside module 'classifier'"):
+        m.save_pretrained(tmp_path)

@@ -28,7 +28,7 @@ from graphopt.errors import GraphoptError
 from graphopt.rewrite.layers import LayerCall
 
 Tensors = dict[str, dict[str, torch.Tensor]]  # layer path -> {name: tensor}
-COMMON = {"bias": "none", "modules_to_save": None}
+COMMON = {"bias": "none"}
 UNSUPPORTED = {  # settings whose PEFT defaults are the only values graphopt reproduces
     "LORA": {**COMMON, "use_dora": False, "lora_bias": False, "layer_replication": None, "alpha_pattern": {},
              "rank_pattern": {}, "trainable_token_indices": None, "target_parameters": None, "use_qalora": False,
