@@ -95,7 +95,8 @@ def test_method_contract(example_plugin, name: str, tmp_path) -> None:
     x = batch(11, size=5)[0]
     m.eval()
     reference = m(x).detach().numpy()
-    for merge in (True, False):
+    optimizer = issubclass(graphopt.list_methods()[name].cls, Optimizer)
+    for merge in (True,) if optimizer else (True, False):  # an optimizer leaves nothing to merge
         report = graphopt.export(m, tmp_path / f"{name}_{merge}.onnx", example_inputs=(x,), merge=merge)
         session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
         (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})

@@ -625,7 +625,9 @@ def hf_step_reference(model: nn.Module, name: str, x, y, loss_fn, opt, cutoff: i
         hook.remove()
 
 
-@pytest.mark.parametrize("name, schedule", [("bert", "progressive"), ("gpt2", "progressive"), ("gpt2", "uniform")])
+@pytest.mark.parametrize("name, schedule", [("bert", "progressive"),
+                                            pytest.param("gpt2", "progressive", marks=pytest.mark.slow),
+                                            ("gpt2", "uniform")])
 def test_hf_steps_equal_adamw_with_layers_frozen_or_removed(name: str, schedule: str) -> None:
     rm, model, prefix = hf_model(name)
     ref = copy.deepcopy(model)
