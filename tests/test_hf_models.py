@@ -47,8 +47,8 @@ CASES = {
 }
 
 
-# ViT and the ResNet also run in the zoo matrix: slow here (the default suite keeps BERT, GPT-2 and Llama)
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("vit", "resnet") else n
+# Llama, ViT and the ResNet also run in the zoo matrix: slow here (the default suite keeps BERT and GPT-2)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("llama", "vit", "resnet") else n
                                   for n in CASES])
 def test_eval_equals_the_models_own_eval_mode_and_exports(name: str, tmp_path) -> None:
     build, inputs, adapter = CASES[name]

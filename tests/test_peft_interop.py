@@ -209,15 +209,18 @@ def test_pruned_sora_saves_as_lora_with_the_gate_folded(tmp_path) -> None:
     assert_close(logits(loaded, TOKENS), logits(m.eval(), TOKENS))
 
 
+class Wrapper(torch.nn.Module):
+    """A user's module around the HF model (``submodule="model"``): returns the logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
 def test_save_pretrained_of_a_wrapper_with_submodule(tmp_path) -> None:
-    class Wrapper(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(x).logits
-
     base = hf_bert()
     m = compile_eager(Wrapper(base), ["lora(r=2, targets='*.query')", "sgd(lr=0.1)"])
     randomise(m)
@@ -345,14 +348,6 @@ def test_graphopt_trainable_modules_load_into_peft(trainable, saved, tmp_path) -
 
 
 def test_modules_to_save_of_a_wrapper_with_submodule(tmp_path) -> None:
-    class Wrapper(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(x).logits
-
     base = hf_bert()
     m = compile_eager(Wrapper(base), ["lora(r=2, targets='*.query')", "sgd(lr=0.1)"], trainable=["model.classifier"])
     randomise(m)

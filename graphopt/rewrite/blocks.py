@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,17 @@ def _same_type(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     return str(tuple(va.shape)) == str(tuple(vb.shape)) and va.dtype == vb.dtype
 
 
+def _reachable(start: torch.fx.Node, region: Any, neighbours: Callable[[torch.fx.Node], Any]) -> set[torch.fx.Node]:
+    """``start`` and every node of ``region`` reached from it by following ``neighbours`` (users or inputs)."""
+    seen, stack = {start}, [start]
+    while stack:
+        for node in neighbours(stack.pop()):
+            if node in region and node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return seen
+
+
 def _stream(x_in: torch.fx.Node, x_out: torch.fx.Node, nodes: list[torch.fx.Node],
             region: set[torch.fx.Node]) -> tuple[list[tuple[str, str]], str | None]:
     """The residual adds on the stream ``x_in -> x_out`` of a module's nodes, or why there is no such stream.
@@ -114,20 +125,10 @@ def _stream(x_in: torch.fx.Node, x_out: torch.fx.Node, nodes: list[torch.fx.Node
     them); a residual add is a stream node ``previous + branch`` whose branch runs off the stream from an
     earlier stream node. Inputs other than ``x_in`` (masks, position tensors) may feed any node.
     """
-    descendants, stack = {x_in}, [x_in]
-    while stack:
-        for user in stack.pop().users:
-            if user in region and user not in descendants:
-                descendants.add(user)
-                stack.append(user)
+    descendants = _reachable(x_in, region, lambda n: n.users)
     if x_out not in descendants:
         return [], "its output does not depend on that input"
-    ancestors, stack = {x_out}, [x_out]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg in region and arg not in ancestors:
-                ancestors.add(arg)
-                stack.append(arg)
+    ancestors = _reachable(x_out, region, lambda n: n.all_input_nodes)
     on_path = [x_in] + [n for n in nodes if n in descendants and n in ancestors]
     position = {n: i for i, n in enumerate(on_path)}
     jumps = [0] * (len(on_path) + 1)
