@@ -90,6 +90,9 @@ def _peft_step(base: nn.Module, config: Any, batch: dict[str, torch.Tensor]) -> 
     return step
 
 
+# Every torch.compile'd PEFT model recompiles PeftModel.forward (its guards hold the instance): past dynamo's
+# default limit of 8 per code object in one process, the next models would silently run eager.
+@torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
 def bench_hf_vs_peft_compiled(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, (base, batch, targets) in _models(quick).items():
@@ -120,6 +123,9 @@ def bench_hf_vs_peft_compiled(quick: bool) -> dict[str, Any]:
     return results
 
 
+# Every torch.compile'd PEFT model recompiles PeftModel.forward (its guards hold the instance): past dynamo's
+# default limit of 8 per code object in one process, the next models would silently run eager.
+@torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
 def bench_compile_counts(quick: bool) -> dict[str, Any]:
     import peft
     from torch.utils.data import DataLoader, TensorDataset

@@ -60,6 +60,9 @@ def _peft_steps(base: nn.Module, config: Any, x: torch.Tensor, target: torch.Ten
     return steps
 
 
+# Every torch.compile'd PEFT model recompiles PeftModel.forward (its guards hold the instance): past dynamo's
+# default limit of 8 per code object in one process, the next models would silently run eager.
+@torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
 def bench_peft(quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     width, shape = (256, (8, 32, 256)) if quick else (1024, (32, 64, 1024))
