@@ -251,3 +251,34 @@ def test_nn_module_behaviour(mlp) -> None:
     m.step(x.double(), y)  # the graphs are rebuilt for the new dtype
     m.zero_grad()
     assert not m.eval().training and m.train().training and m.step_count == 2
+
+
+class InPlaceDropout(nn.Module):
+    """MobileNetV2's classifier: ``nn.Dropout(p, inplace=True)`` (``aten.dropout_`` in the captured graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(8, 32), nn.Dropout(0.8, inplace=True), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.drop(self.fc1(x))))
+
+
+@pytest.mark.parametrize("methods", [["sgd(lr=0.1)"], ["lora(r=2)", "adamw(lr=1e-2)"]])
+def test_in_place_dropout_is_off_in_eval_and_in_the_export(methods, tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = InPlaceDropout(), torch.randn(6, 8)
+    m = graphopt.compile(model, methods=methods, loss_fn=F.cross_entropy, backend="eager", example_inputs=(x,))
+    y = torch.randint(0, 3, (6,))
+    train_outputs = {tuple(m.train()(x).flatten().tolist()) for _ in range(3)}
+    assert len(train_outputs) > 1  # dropout is on in training
+    for _ in range(3):
+        m.step(x, y)
+    m.eval()
+    with torch.no_grad():
+        first = m(x)
+        torch.testing.assert_close(m(x), first, rtol=0, atol=0)            # deterministic
+        torch.testing.assert_close(m(torch.cat([x, x]))[:6], first, rtol=1e-6, atol=1e-6)
+        reference = m.merged_module().eval()(x)                           # the user's class in eval mode
+    torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-5)
+    graphopt.export(m, tmp_path / "m.onnx")                               # checked in onnxruntime

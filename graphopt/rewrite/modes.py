@@ -17,7 +17,10 @@ from graphopt.rewrite.drop_path import remove_drop_paths
 
 aten = torch.ops.aten
 _TRAIN_FLAG = {aten.dropout.default: 2, aten.batch_norm.default: 5, aten.feature_dropout.default: 2,
-               aten.alpha_dropout.default: 2, aten.feature_alpha_dropout.default: 2}
+               aten.alpha_dropout.default: 2, aten.feature_alpha_dropout.default: 2,
+               # in-place forms (nn.Dropout(inplace=True): MobileNetV2's classifier, p=0.8)
+               aten.dropout_.default: 2, aten.feature_dropout_.default: 2, aten.alpha_dropout_.default: 2,
+               aten.feature_alpha_dropout_.default: 2}
 _SDPA = aten.scaled_dot_product_attention.default
 _SDPA_DROPOUT = 4  # (query, key, value, attn_mask, dropout_p, ...)
 
