@@ -47,6 +47,18 @@ def make_model(width: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _adamw_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """torch's side of a step: zero_grad, cross-entropy backward, ``AdamW(fused=True).step()``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
 def _ddp(width: int, depth: int, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], Callable[[], int]]:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
@@ -59,12 +71,7 @@ def _ddp(width: int, depth: int, x: torch.Tensor, y: torch.Tensor) -> tuple[Call
         return allreduce_hook(state, bucket)
 
     model.register_comm_hook(dist.group.WORLD, counting_hook)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    step = _adamw_step(model, x, y)
 
     def per_step() -> int:
         calls[0] = 0
@@ -84,12 +91,7 @@ def _fully_shard(width: int, depth: int, x: torch.Tensor,
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    step = _adamw_step(model, x, y)
 
     def per_step() -> int:
         with CommDebugMode() as comm:
