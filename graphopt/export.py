@@ -4,8 +4,9 @@ Files are written all or nothing (:mod:`graphopt.staged_write`): a file that fai
 ``path``, and a file already there stays as it was. With ``merge=True`` the methods' export passes fold
 their nodes into plain weights first, so the file holds a plain model; with ``merge=False`` they leave their
 compact form (``CompiledModel.export_graph``). Every file is checked: ONNX with ``onnx.checker`` and
-onnxruntime against PyTorch (max abs difference over ``atol`` is an error), ``.pt2`` by loading it back and
-running it.
+onnxruntime against PyTorch, ``.pt2`` by loading it back and running it: every output element must satisfy
+``|file - PyTorch| <= atol + rtol * |PyTorch|`` (``numpy.allclose``'s rule: float32 rounding of a fold grows
+with the magnitude of the output).
 ONNX files are written by the first exporter path that works (``graphopt.export_fallbacks``: dynamo, dynamo
 with contiguous views, TorchScript); the report names it.
 The batch dimension (dim 0 of every tensor input) is dynamic in ``.onnx`` and ``.pt2``; more dynamic
@@ -55,19 +56,23 @@ class ExportReport:
 
 def export(model: Any, path: str | os.PathLike[str],
            example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
-           merge: bool = True, atol: float = 1e-4, dynamic_dims: DynamicDims | None = None) -> ExportReport:
+           merge: bool = True, atol: float = 1e-4, rtol: float = 1e-4,
+           dynamic_dims: DynamicDims | None = None) -> ExportReport:
     """Write ``model`` (a compiled model) to ``path``; ``.onnx``/``.pt2`` are checked against PyTorch.
 
     ``example_inputs``: positional (a tuple) or keyword (a dict) inputs to export with (default: the ones
     the model was captured with). ``dynamic_dims``: the input dims kept dynamic (default: those the model
-    was captured with; see ``graphopt.inputs``).
+    was captured with; see ``graphopt.inputs``). ``atol``, ``rtol``: the file's outputs must be within
+    ``atol + rtol * |expected|`` of PyTorch's, element by element.
     """
     path = Path(path)
     if path.suffix not in FORMATS:
         raise ExportError(f"cannot export to {path.name!r}: use a path ending in one of {', '.join(FORMATS)}")
-    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not math.isfinite(atol) or atol < 0:
-        raise ExportError(f"atol={atol!r} is invalid; use a finite number >= 0 (the largest difference from PyTorch "
-                          "the written file may show)")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ExportError(f"{name}={value!r} is invalid; use a finite number >= 0 (the written file's outputs "
+                              "must be within atol + rtol * |PyTorch's| of PyTorch's)")
+    tolerance = Tolerance(atol, rtol)
     captured = model.captured
     if example_inputs is None:
         inputs = captured.example
@@ -84,9 +89,9 @@ def export(model: Any, path: str | os.PathLike[str],
             staged.write_text(_python_source(gm, model, merge))
             report = ExportReport(staged, "fx-python", None)
         elif path.suffix == ".pt2":
-            report = _export_pt2(gm, staged, inputs, expected, atol, dims)
+            report = _export_pt2(gm, staged, inputs, expected, tolerance, dims)
         else:
-            report = _export_onnx(gm, staged, inputs, expected, atol, captured.onnx_translations(), dims)
+            report = _export_onnx(gm, staged, inputs, expected, tolerance, captured.onnx_translations(), dims)
     return replace(report, path=path)
 
 
@@ -97,19 +102,45 @@ def _python_source(gm: torch.fx.GraphModule, model: Any, merge: bool) -> str:
     return header + gm.print_readable(print_output=False)
 
 
-def _max_diff(expected: Any, actual: Any) -> float:
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an exported file's outputs may be from PyTorch's: ``|file - PyTorch| <= atol + rtol * |PyTorch|``."""
+
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The file's outputs against PyTorch's: the largest absolute difference, and the largest excess over the
+    tolerance (``|file - PyTorch| - rtol * |PyTorch|``, compared with ``atol``)."""
+
+    max_abs_diff: float
+    max_excess: float
+
+    def worst(self, other: Comparison) -> Comparison:
+        return Comparison(max(self.max_abs_diff, other.max_abs_diff), max(self.max_excess, other.max_excess))
+
+
+def _compare(expected: Any, actual: Any, tolerance: Tolerance) -> Comparison:
     exp_leaves = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
     act_leaves = [torch.as_tensor(x) for x in pytree.tree_leaves(actual)]
     if len(exp_leaves) != len(act_leaves):
         raise ExportError(f"the exported file returns {len(act_leaves)} outputs, PyTorch returns {len(exp_leaves)}")
-    diffs = [(e.double() - a.double()).abs().max().item() for e, a in zip(exp_leaves, act_leaves) if e.numel()]
-    return max(diffs, default=0.0)
+    result = Comparison(0.0, -math.inf)
+    for e, a in zip(exp_leaves, act_leaves):
+        if e.numel():
+            e, a = e.detach().cpu().double(), a.double()
+            diff = (e - a).abs()
+            result = result.worst(Comparison(diff.max().item(), (diff - tolerance.rtol * e.abs()).max().item()))
+    return result
 
 
-def _check(diff: float, atol: float, path: Path) -> None:
-    if not diff <= atol:
-        raise ExportError(f"the exported {path.name} differs from the PyTorch model by {diff:.3g} (> atol={atol:g}); "
-                          "nothing was written")
+def _check(comparison: Comparison, tolerance: Tolerance, path: Path) -> None:
+    if not comparison.max_excess <= tolerance.atol:  # also catches NaN
+        raise ExportError(f"the exported {path.name} differs from the PyTorch model by {comparison.max_abs_diff:.3g} "
+                          f"(> atol={tolerance.atol:g} + rtol={tolerance.rtol:g} * |output|); nothing was written; "
+                          "export(..., atol=..., rtol=...) takes a larger bound")
 
 
 def _shapes(inputs: CallInputs) -> tuple[tuple[int, ...] | None, ...]:
@@ -128,7 +159,7 @@ def _reference(gm: torch.fx.GraphModule, inputs: CallInputs | None) -> Any:
         return None
 
 
-def _export_pt2(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expected: Any, atol: float,
+def _export_pt2(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expected: Any, tolerance: Tolerance,
                 dims: Dims) -> ExportReport:
     program = torch.export.export(gm, inputs.args, inputs.kwargs or None, strict=False,
                                   dynamic_shapes=export_dynamic_shapes(gm.forward, inputs, dims))
@@ -136,20 +167,20 @@ def _export_pt2(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expect
     loaded = torch.export.load(path).module()
     with torch.no_grad():
         reloaded = loaded(*inputs.args, **inputs.kwargs)
-    diff = _max_diff(expected, reloaded)
+    comparison = _compare(expected, reloaded, tolerance)
     checked = [_shapes(inputs)]
     kept = kept_dynamic(loaded, inputs, dims)
     more = grown(inputs, kept) if kept else None
     more_expected = _reference(gm, more)
     if more_expected is not None:
         with torch.no_grad():
-            diff = max(diff, _max_diff(more_expected, loaded(*more.args, **more.kwargs)))
+            comparison = comparison.worst(_compare(more_expected, loaded(*more.args, **more.kwargs), tolerance))
         checked.append(_shapes(more))
-    _check(diff, atol, path)
-    return ExportReport(path, "pt2", diff, tuple(checked))
+    _check(comparison, tolerance, path)
+    return ExportReport(path, "pt2", comparison.max_abs_diff, tuple(checked))
 
 
-def _export_onnx(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expected: Any, atol: float,
+def _export_onnx(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expected: Any, tolerance: Tolerance,
                  translations: dict[Any, Any], dims: Dims) -> ExportReport:
     import onnx
     import onnxruntime
@@ -171,7 +202,7 @@ def _export_onnx(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expec
         tensors = [x for _, x in bound_tensors(gm.forward, call)]
         return session.run(None, {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), tensors)})
 
-    diff = _max_diff(expected, run(inputs))
+    comparison = _compare(expected, run(inputs), tolerance)
     checked = [_shapes(inputs)]
     keys = [key for key, _ in bound_tensors(gm.forward, inputs)]
     kept = {key: tuple(d for d in dims.get(key, ()) if not isinstance(arg.shape[d], int))
@@ -180,7 +211,7 @@ def _export_onnx(gm: torch.fx.GraphModule, path: Path, inputs: CallInputs, expec
     more = grown(inputs, kept) if kept else None
     more_expected = _reference(gm, more)
     if more_expected is not None:
-        diff = max(diff, _max_diff(more_expected, run(more)))
+        comparison = comparison.worst(_compare(more_expected, run(more), tolerance))
         checked.append(_shapes(more))
-    _check(diff, atol, path)
-    return ExportReport(path, "onnx", diff, tuple(checked), exporter)
+    _check(comparison, tolerance, path)
+    return ExportReport(path, "onnx", comparison.max_abs_diff, tuple(checked), exporter)

@@ -367,6 +367,7 @@ EXPORT_CASES = [
     ("unknown suffix", lambda m, d: graphopt.export(m, d / "model.txt"), "use a path ending in one of"),
     ("atol nan", lambda m, d: graphopt.export(m, d / "model.onnx", atol=math.nan), "atol=nan is invalid"),
     ("atol negative", lambda m, d: graphopt.export(m, d / "model.onnx", atol=-1.0), "atol=-1.0 is invalid"),
+    ("rtol inf", lambda m, d: graphopt.export(m, d / "model.pt2", rtol=math.inf), "rtol=inf is invalid"),
     ("a folder that cannot be written", lambda m, d: graphopt.export(m, "/proc/graphopt/model.onnx"),
      "cannot write"),
 ]
@@ -391,9 +392,10 @@ def test_an_export_whose_check_fails_writes_nothing(tmp_path, monkeypatch, name)
     m.step(X, Y)
     (tmp_path / name).write_bytes(b"the good file")
     # a file that disagrees with PyTorch
-    monkeypatch.setattr(sys.modules["graphopt.export"], "_max_diff", lambda expected, actual: 0.5)
-    with pytest.raises(graphopt.ExportError, match=r"differs from the PyTorch model by 0.5 \(> atol=0.0001\).*"
-                                                   "nothing was written"):
+    export_module = sys.modules["graphopt.export"]
+    monkeypatch.setattr(export_module, "_compare", lambda *args: export_module.Comparison(0.5, 0.5))
+    message = r"differs from the PyTorch model by 0.5 \(> atol=0.0001 \+ rtol=0.0001 \* \|output\|\); nothing was"
+    with pytest.raises(graphopt.ExportError, match=message):
         graphopt.export(m, tmp_path / name)
     assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"the good file"
 

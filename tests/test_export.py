@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -80,3 +82,27 @@ def test_merge_folds_adapter_nodes_and_parameters(install_plugin, mlp, tmp_path)
     model = onnx.load(str(merged))
     assert sum(int(np.prod(t.dims)) for t in model.graph.initializer) == base_count
     assert len(list(m.trainable_parameters().items())) == 2  # exporting does not touch the compiled model's adapters
+
+
+@pytest.mark.parametrize("atol, rtol", [(1e-4, 1e-5), (0.0, 1e-3), (1e-2, 0.0)])
+def test_the_file_check_is_numpy_allclose(atol, rtol) -> None:
+    """An exported file passes its check exactly when numpy.allclose(file, pytorch, rtol, atol) holds: the
+    float32 rounding of a fold grows with the output's magnitude (MobileNetV2's logits of ~30)."""
+    from graphopt.export import Tolerance, _check, _compare
+
+    gen = torch.Generator().manual_seed(0)
+    tolerance = Tolerance(atol, rtol)
+    outcomes = set()
+    for trial in range(200):
+        expected = (torch.randn(4, 3, generator=gen) * 10 ** (trial % 5), torch.randn(2, generator=gen))
+        noise = 10 ** (-2 - 3 * torch.rand((), generator=gen).item())
+        actual = [(e + noise * torch.randn(e.shape, generator=gen)).numpy() for e in expected]
+        reference = all(np.allclose(a, e.numpy(), rtol=rtol, atol=atol) for a, e in zip(actual, expected))
+        try:
+            _check(_compare(expected, actual, tolerance), tolerance, Path("m.onnx"))
+            outcomes.add(True)
+            assert reference, f"trial {trial}: the check passed a file numpy.allclose rejects"
+        except graphopt.ExportError:
+            outcomes.add(False)
+            assert not reference, f"trial {trial}: the check rejected a file numpy.allclose accepts"
+    assert outcomes == {True, False}  # both sides of the bound were exercised
