@@ -122,3 +122,37 @@ def test_torch_compile_with_the_graphopt_backend() -> None:
     F.cross_entropy(compiled(x), y).backward()
     optimizer.step()
     assert all(not torch.equal(before[n], p) for n, p in adapters.items())
+
+
+def test_models_of_one_class_do_not_share_compiled_subgraphs() -> None:
+    """Ten models of one class on the dynamo path in one process, past dynamo's recompile limit (8 per code
+    object, shared by every compile of it): each model computes with its own weights. Dynamo guards an inlined
+    module by its class, so from the limit on a shared cache ran an earlier model's rewritten subgraphs, which
+    hold that model's tensors (the zoo's wav2vec2 cells got a trained model's uniform logits)."""
+    x, y = data()
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = Branchy()
+        m = graphopt.compile(model, methods=["sgd(lr=0.5)"], loss_fn=F.cross_entropy, capture="dynamo",
+                             backend="eager", example_inputs=(x,))
+        for _ in range(2):
+            m.step(x, y)
+        reference = copy.deepcopy(model).eval()
+        for name, param in m.trainable_parameters().items():
+            reference.get_parameter(name).data.copy_(param)
+        with torch.no_grad():
+            torch.testing.assert_close(m.eval()(x), reference(x), rtol=0, atol=1e-6, msg=f"model {seed}")
+
+
+def test_a_subgraph_called_with_other_tensors_gets_its_own_graph() -> None:
+    """Dynamo can run one cache entry for the parameters of several modules (every instance of a layer class:
+    wav2vec2's encoder layers); the backend then rewrites the subgraph for the tensors of the call. Here a
+    parameter replaced after compiling: the output is computed with the new one."""
+    x = data()[0]
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    compiled = torch.compile(model, backend=graphopt.backend(methods=["lora(r=2)"], model=model))
+    torch.testing.assert_close(compiled(x), model(x))  # lora's B starts at zero
+    with torch.no_grad():
+        model.fc2.weight = nn.Parameter(model.fc2.weight.detach() * 2)
+    torch.testing.assert_close(compiled(x), model(x))

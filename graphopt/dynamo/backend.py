@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphopt.errors import OptionError
+from graphopt.errors import GraphoptError, OptionError
 from graphopt.method import Method
 from graphopt.rewrite.normalise import normalise
 
@@ -89,6 +89,10 @@ class _Subgraph(nn.Module):
         return self.dynamo_gm(*args)
 
 
+class StaleSubgraphError(GraphoptError):
+    """A rewritten subgraph was called with other parameter tensors than the ones it was compiled for."""
+
+
 class GraphoptBackend:
     """A ``torch.compile`` backend applying ``methods`` (forward stage) to each captured subgraph."""
 
@@ -117,26 +121,32 @@ class GraphoptBackend:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from self.adapters.items()
 
-    def _slots(self, gm: torch.fx.GraphModule) -> list[tuple[str, str, torch.Tensor] | None]:
+    def _slots(self, gm: torch.fx.GraphModule,
+               values: list[Any] | None = None) -> list[tuple[str, str, torch.Tensor] | None]:
+        """Per dynamo input: ``(kind, name, tensor)`` for a parameter or buffer, None for a user input; the tensors
+        are ``values`` (this call's inputs) when given, else dynamo's examples."""
         slots: list[tuple[str, str, torch.Tensor] | None] = []
-        for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
             source, value = _graph_arg(node)
             kind = ("parameter" if isinstance(value, nn.Parameter) else
                     "buffer" if source and "_buffers[" in source else None)
             if kind is None or not isinstance(value, torch.Tensor):
                 slots.append(None)
                 continue
+            value = value if values is None else values[i]
             slots.append((kind, self.names.get(id(value)) or source_name(source), value))
         return slots
 
-    def rewrite(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> tuple[torch.fx.GraphModule, list[int]]:
-        """Dynamo's subgraph in graphopt's form with the methods applied; and which dynamo inputs it takes."""
+    def rewrite(self, gm: torch.fx.GraphModule, example_inputs: list[Any],
+                values: list[Any] | None = None) -> tuple[torch.fx.GraphModule, list[int]]:
+        """Dynamo's subgraph in graphopt's form with the methods applied, holding the parameters and buffers
+        of ``values`` (the inputs of one call; default: dynamo's examples); and which dynamo inputs it takes."""
         from graphopt.captured import CapturedModel
         from graphopt.inputs import CallInputs
         from graphopt.rewrite.passes import apply_methods
         from graphopt.train.state import TrainState
 
-        slots = self._slots(gm)
+        slots = self._slots(gm, values)
         user = [i for i, slot in enumerate(slots) if slot is None]
         inputs = tuple(example_inputs[i] for i in user)
         module = _Subgraph(gm, slots)
@@ -169,14 +179,35 @@ class GraphoptBackend:
         return exported, user
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        rewritten, user = self.rewrite(gm, example_inputs)
-        run: Any = rewritten
-        if self.compiler == "inductor":
-            from torch._inductor.compile_fx import compile_fx
+        """The compiled subgraph: one rewritten (and, with inductor, compiled) graph per set of parameter and
+        buffer tensors it is called with. Dynamo guards a module it inlines by its class, so one cache entry
+        serves every instance of a layer class (wav2vec2's two encoder layers), while the rewritten graph holds
+        one layer's tensors and adapters: each new set of tensors gets its own graph, named by the model's
+        parameter names."""
+        slots = self._slots(gm)
+        state = [i for i, slot in enumerate(slots) if slot is not None]
 
-            run = compile_fx(rewritten, [example_inputs[i] for i in user])
+        def build(inputs: list[Any], values: list[Any] | None) -> tuple[Any, list[int]]:
+            rewritten, user = self.rewrite(gm, inputs, values)
+            run: Any = rewritten
+            if self.compiler == "inductor":
+                from torch._inductor.compile_fx import compile_fx
+
+                run = compile_fx(rewritten, [inputs[i] for i in user])
+            return run, user
+
+        variants = {tuple(id(slots[i][2]) for i in state): build(list(example_inputs), None)}
 
         def call(*args: Any) -> Any:
+            key = tuple(id(args[i]) for i in state)
+            if key not in variants:
+                if not self.names:
+                    raise StaleSubgraphError(
+                        "graphopt.backend: torch.compile ran one compiled subgraph for the parameters of several "
+                        "modules (instances of one class, or parameters replaced after compiling); name them: "
+                        "graphopt.backend(methods, model=model)")
+                variants[key] = build(list(args), list(args))
+            run, user = variants[key]
             return run(*[args[i] for i in user])
 
         return call
