@@ -297,24 +297,6 @@ def test_newton_schulz_schedule_equals_the_formula() -> None:
         functional.newton_schulz(g, 4, TURBO[:3])
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (8, 8), (12, 30), (30, 12), (1100, 40), (40, 1100)])
-def test_gram_by_blocks_is_x_xt(monkeypatch, shape) -> None:
-    """``gram`` computes the blocks on and above the diagonal only; the result is ``X Xᵀ``, exactly symmetric."""
-    monkeypatch.setattr(functional, "GRAM_BLOCK_ROWS", 2)  # small matrices take the blocked path too
-    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    square = functional.gram(x)
-    torch.testing.assert_close(square, x @ x.T, rtol=0, atol=1e-12 * (x * x).sum().item())
-    assert torch.equal(square, square.T)
-
-
-@pytest.mark.parametrize("name, options", [("normuon", {}), ("turbo_muon", {}), ("root", {}), ("adago", {})])
-def test_blocked_gram_equals_paper_reference(monkeypatch, name: str, options: dict) -> None:
-    """The whole optimizer with every Gram matrix taken by blocks (2 to 4 per side) against the paper's."""
-    monkeypatch.setattr(functional, "GRAM_BLOCK_ROWS", 2)
-    ours, reference, _, _ = trained_pair("mlp", name, options)
-    assert max_diff(ours, reference) < 1e-10
-
-
 def test_aol_rescaling_bounds_the_spectral_norm() -> None:
     """Prach & Lampert's bound: ‖diag(s) X‖₂ ≤ 1 for any X, however badly scaled (so NS starts in range)."""
     gen = torch.Generator().manual_seed(5)

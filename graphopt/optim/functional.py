@@ -85,26 +85,6 @@ ROOT_COEFFICIENTS: dict[tuple[int, int], Coefficients] = {
 
 AOL_EPS = 1e-6
 
-GRAM_BLOCK_ROWS = 512
-"""Gram matrices ``X Xᵀ`` of an ``X`` with at least two blocks of this many rows are computed by blocks
-(:func:`gram`)."""
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """``X Xᵀ`` from its blocks on and above the diagonal: the rows of ``X`` in ``k = rows // GRAM_BLOCK_ROWS``
-    blocks ``X_i`` (k ≤ 4), ``G_ij = X_i X_jᵀ`` for ``i ≤ j`` and ``G_ji = G_ijᵀ``: ``k(k+1)/2`` of the ``k²``
-    block products (3/4 of the multiply-adds for k = 2, 5/8 for k = 4), and the result exactly symmetric.
-    Below two blocks it is one ``X @ Xᵀ``. Newton–Schulz spends two of its three matrix products per
-    iteration on Gram matrices (``A = X Xᵀ`` and ``A² = A Aᵀ``)."""
-    rows = x.shape[0]
-    k = min(rows // GRAM_BLOCK_ROWS, 4)
-    if k < 2:
-        return x @ x.t()
-    parts = x.tensor_split(k)
-    upper = {(i, j): parts[i] @ parts[j].t() for i in range(k) for j in range(i, k)}
-    return torch.cat([torch.cat([upper[(i, j)] if i <= j else upper[(j, i)].t() for j in range(k)], dim=1)
-                      for i in range(k)])
-
 
 def scale_to_rms(x: torch.Tensor, rms: float) -> torch.Tensor:
     """``x · rms·√(mn)/‖x‖_F`` in place: the RMS alignment of AdaMuon and NorMuon (``rms = 0.2``, Adam's
@@ -133,9 +113,9 @@ def aol_rescale(x: torch.Tensor, eps: float = AOL_EPS) -> tuple[torch.Tensor, to
     """Turbo-Muon's AOL preconditioning of a wide ``x`` (Boissin et al. 2025; Prach & Lampert 2022, "Almost-
     Orthogonal Layers"): ``A = X Xᵀ``, ``s_i = max(Σ_j |A_ij|, eps)^(−1/2)``; returns ``diag(s) X`` (spectral
     norm ≤ 1) and its Gram matrix ``diag(s) A diag(s)``, which the first iteration reuses."""
-    square = gram(x)
-    scale = square.abs().sum(dim=1).clamp_min(eps).rsqrt()
-    return x * scale[:, None], square * scale[:, None] * scale[None, :]
+    gram = x @ x.t()
+    scale = gram.abs().sum(dim=1).clamp_min(eps).rsqrt()
+    return x * scale[:, None], gram * scale[:, None] * scale[None, :]
 
 
 def newton_schulz(update: torch.Tensor, steps: int = 5,
@@ -146,21 +126,21 @@ def newton_schulz(update: torch.Tensor, steps: int = 5,
     ``X ← N/‖N‖_F`` (a zero matrix stays zero), or, with ``aol``, ``X ← diag(s) N`` (:func:`aol_rescale`);
     transposed when rows > cols so that ``X Xᵀ`` is the small Gram matrix; then for each ``(a, b, c)`` of
     :func:`coefficient_schedule` (``steps`` iterations): ``A = X Xᵀ; X ← aX + (bA + cA²)X``; transposed back.
-    ``A`` and ``A² = A Aᵀ`` are Gram matrices, computed by :func:`gram`.
     """
     schedule = coefficient_schedule(coefficients, steps)
     x = update
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.t()
-    square = None  # the Gram matrix X Xᵀ of the current X, when already known
+    gram = None
     if aol:
-        x, square = aol_rescale(x)
+        x, gram = aol_rescale(x)
     else:
         norm = torch.linalg.matrix_norm(x)  # Frobenius
         x = x / norm.clamp_min(torch.finfo(x.dtype).tiny)
-    for a, b, c in schedule:
-        square = gram(x) if square is None else square
-        x = torch.addmm(x, b * square + c * gram(square), x, beta=a)
-        square = None
+    for a, b, c in schedule:  # addmm keeps at most three matrix-sized temporaries alive
+        if gram is None:
+            gram = x @ x.t()
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        gram = None
     return x.t() if tall else x
