@@ -7,7 +7,9 @@ model), MSE loss, AdamW (``adamw`` when registered, else ``sgd``; the result say
 - ``full_graphopt``: full fine-tuning through graphopt with the same optimizer method and no adapter;
 - ``hra_dense``: a weight-centric HRA written here: every step forms ``R = H_1⋯H_r`` densely (r rank-1
   updates of a d×d matrix), then ``W R`` (a d³ product) and runs the layer on it; ``torch.optim.AdamW``;
-- ``hra``: graphopt ``hra(r=8)`` (input-centric compact WY form), inductor.
+- ``hra``: graphopt ``hra(r=8)`` (compact WY form; the step trains each input transform fused with its
+  linear layer, ``graphopt.builtin.reflected_linear``), inductor. Target: ≤ 0.75× the faster full fine-tuning
+  (a frozen base needs two of its three GEMMs: the limit is ≈ 0.67×).
 
 Quick mode: d = 256, input ``(8, 32, 256)``, 10 steps, and no ``full_graphopt`` (one inductor compile
 fewer, to stay under a minute).
@@ -104,7 +106,7 @@ def bench_hra(quick: bool) -> dict[str, Any]:
         traced[name] = peak_memory_mib(lambda model=model: model.step(x, target))
     result["peak_mib_traced_eager"] = traced
     result["hra_mem_vs_full_traced_eager"] = round(traced["hra"] / traced["full_graphopt"], 3)
-    result["targets_met"] = {"time_le_0.9x_full": times["hra"] <= 0.9 * full_best,
+    result["targets_met"] = {"time_le_0.75x_full": times["hra"] <= 0.75 * full_best,
                              "memory_le_full": memory["hra"] <= min(memory[k] for k in fulls),
                              "memory_le_full_traced_eager": traced["hra"] <= traced["full_graphopt"]}
     return result

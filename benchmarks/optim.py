@@ -10,6 +10,12 @@ state, gradients and activations alive at once). Eager baselines: torch.optim wi
 ``register_post_accumulate_grad_hook``, gradients freed as they are used). graphopt runs the whole step
 (forward, loss, backward, per-parameter update) as one graph compiled with inductor, and with
 ``backend="eager"`` (the traced graph run as is).
+
+``graphopt_inductor`` is the default step, ``on_nonfinite="raise"``: it checks the loss and every gradient
+for inf/NaN and writes the updates only when all are finite, so every update waits for the whole backward
+pass. torch.optim checks nothing; ``graphopt_unguarded`` (``on_nonfinite="apply"``) is the step with the same
+semantics, each update issued as soon as its gradient exists. The targets are judged on it; the default is
+shown beside it.
 """
 
 from __future__ import annotations
@@ -74,8 +80,10 @@ def in_backward_step(model: nn.Module, make: Callable[[list[nn.Parameter]], torc
 class GraphoptStep:
     """``m.step(x, y)`` of a fresh compiled model; keeps ``m`` for the memory accounting."""
 
-    def __init__(self, spec: str, backend: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.m = graphopt.compile(make_model(), methods=[spec], loss_fn=F.cross_entropy, backend=backend)
+    def __init__(self, spec: str, backend: str, x: torch.Tensor, y: torch.Tensor,
+                 on_nonfinite: str | None = None) -> None:
+        self.m = graphopt.compile(make_model(), methods=[spec], loss_fn=F.cross_entropy, backend=backend,
+                                  on_nonfinite=on_nonfinite)
         self.x, self.y = x, y
 
     def __call__(self) -> None:
@@ -128,7 +136,7 @@ def measure(variants: dict[str, Callable[[], Any]], baseline: str, quick: bool) 
         fn()
         fn()
     times = time_steps(variants, steps=10 if quick else 40, warmup=1 if quick else 3, block=5)
-    memory = {name: inductor_peak_mib(fn) if name == "graphopt_inductor" else peak_memory_mib(fn)
+    memory = {name: inductor_peak_mib(fn) if name in INDUCTOR_VARIANTS else peak_memory_mib(fn)
               for name, fn in variants.items()}
     return {
         "ms_per_step": {k: round(v, 2) for k, v in times.items()},
@@ -138,12 +146,25 @@ def measure(variants: dict[str, Callable[[], Any]], baseline: str, quick: bool) 
     }
 
 
-def with_targets(result: dict[str, Any], baseline: str, memory_reference: str | None) -> dict[str, Any]:
+def with_targets(result: dict[str, Any], baseline: str, target: float,
+                 memory_reference: str | None = None) -> dict[str, Any]:
+    """Whether the unguarded step (torch.optim's semantics) meets its time target against ``baseline`` and
+    its peak memory is at most ``memory_reference``'s."""
     times, memory = result["ms_per_step"], result["peak_mib"]
-    result["target_time_le_0.9x_" + baseline] = times["graphopt_inductor"] <= 0.9 * times[baseline]
+    result[f"target_time_le_{target}x_{baseline}"] = times["graphopt_unguarded"] <= target * times[baseline]
     if memory_reference is not None:
-        result["target_memory_le_" + memory_reference] = memory["graphopt_inductor"] <= memory[memory_reference]
+        result["target_memory_le_" + memory_reference] = memory["graphopt_unguarded"] <= memory[memory_reference]
     return result
+
+
+INDUCTOR_VARIANTS = ("graphopt_inductor", "graphopt_unguarded")
+
+
+def graphopt_variants(spec: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, GraphoptStep]:
+    """The default step and the unguarded one compiled with inductor, and the traced graph run eagerly."""
+    return {"graphopt_inductor": GraphoptStep(spec, "inductor", x, y),
+            "graphopt_unguarded": GraphoptStep(spec, "inductor", x, y, on_nonfinite="apply"),
+            "graphopt_eager": GraphoptStep(spec, "eager", x, y)}
 
 
 def bench_adamw(quick: bool) -> dict[str, Any]:
@@ -154,10 +175,9 @@ def bench_adamw(quick: bool) -> dict[str, Any]:
         "eager_fused": eager_step(fused, torch.optim.AdamW(fused.parameters(), lr=lr, fused=True), x, y),
         "eager_foreach": eager_step(foreach, torch.optim.AdamW(foreach.parameters(), lr=lr, foreach=True), x, y),
         "eager_in_backward": in_backward_step(in_backward, lambda p: torch.optim.AdamW(p, lr=lr, fused=True), x, y),
-        "graphopt_inductor": GraphoptStep(f"adamw(lr={lr})", "inductor", x, y),
-        "graphopt_eager": GraphoptStep(f"adamw(lr={lr})", "eager", x, y),
+        **graphopt_variants(f"adamw(lr={lr})", x, y),
     }
-    return with_targets(measure(variants, "eager_fused", quick), "eager_fused", "eager_in_backward")
+    return with_targets(measure(variants, "eager_fused", quick), "eager_fused", 0.87, "eager_in_backward")
 
 
 def bench_sgd(quick: bool) -> dict[str, Any]:
@@ -168,10 +188,9 @@ def bench_sgd(quick: bool) -> dict[str, Any]:
         "eager_fused": eager_step(fused, torch.optim.SGD(fused.parameters(), **opts, fused=True), x, y),
         "eager_foreach": eager_step(foreach, torch.optim.SGD(foreach.parameters(), **opts, foreach=True), x, y),
         "eager_in_backward": in_backward_step(in_backward, lambda p: torch.optim.SGD(p, **opts, fused=True), x, y),
-        "graphopt_inductor": GraphoptStep("sgd(lr=0.01, momentum=0.9)", "inductor", x, y),
-        "graphopt_eager": GraphoptStep("sgd(lr=0.01, momentum=0.9)", "eager", x, y),
+        **graphopt_variants("sgd(lr=0.01, momentum=0.9)", x, y),
     }
-    return with_targets(measure(variants, "eager_fused", quick), "eager_fused", "eager_in_backward")
+    return with_targets(measure(variants, "eager_fused", quick), "eager_fused", 0.9, "eager_in_backward")
 
 
 class EagerMuon(torch.optim.Optimizer):
@@ -216,10 +235,9 @@ def bench_muon(quick: bool) -> dict[str, Any]:
     variants = {
         "eager_muon": eager_step(eager, EagerMuon(eager.parameters()), x, y),
         "eager_in_backward": in_backward_step(in_backward, lambda p: EagerMuon(p), x, y),
-        "graphopt_inductor": GraphoptStep("muon", "inductor", x, y),
-        "graphopt_eager": GraphoptStep("muon", "eager", x, y),
+        **graphopt_variants("muon", x, y),
     }
-    return with_targets(measure(variants, "eager_muon", quick), "eager_muon", "eager_in_backward")
+    return with_targets(measure(variants, "eager_muon", quick), "eager_muon", 0.8, "eager_in_backward")
 
 
 
@@ -231,13 +249,9 @@ def bench_family(name: str, quick: bool) -> dict[str, Any]:
     eager = make_model()
     variants = {
         "eager_reference": eager_step(eager, EAGER[name](eager.parameters()), x, y),
-        "graphopt_inductor": GraphoptStep(name, "inductor", x, y),
-        "graphopt_eager": GraphoptStep(name, "eager", x, y),
+        **graphopt_variants(name, x, y),
     }
-    result = measure(variants, "eager_reference", quick)
-    times = result["ms_per_step"]
-    result["target_time_le_0.8x_eager_reference"] = times["graphopt_inductor"] <= 0.8 * times["eager_reference"]
-    return result
+    return with_targets(measure(variants, "eager_reference", quick), "eager_reference", 0.8)
 
 
 def bench_normuon(quick: bool) -> dict[str, Any]:

@@ -22,6 +22,9 @@ Phase ``step``: when the training step is built and traced, or before each step 
     ``add_step_variants(choose, build)``     ``choose(step)`` before each step; ``build(gm, variant)``
                                              once per uncached variant and input shapes, on a
                                              copy of the forward graph it returns              [layerdrop]
+    ``add_training_pass(fn)``                ``fn(gm)`` on the copy of the forward graph a step is
+                                             traced from (shares the parameters: nodes only): a
+                                             form of the method's nodes that trains faster      [hra]
 Phase ``inference``: when ``m.eval()`` or export first needs the inference graph.
     ``add_inference_pass(fn)``               ``fn(gm)`` on the inference graph, which shares the
                                              parameters: nodes only, never parameters            [layerdrop oftv2]
@@ -180,6 +183,14 @@ class MethodContext:
         compiled variant per input shapes and calls ``build`` only for one it has not cached."""
         self._require(APPLY, "add_step_variants")
         self._contributions.step_variants.append(VariantEntry(self, choose, build))
+
+    def add_training_pass(self, fn: GraphPass) -> None:
+        """``fn(gm)`` edits the graph the training step is traced from (a copy of the forward graph, after
+        the step variant's ``build``, sharing the parameters): the method may swap its own nodes for a form
+        that computes the same values and gradients faster; the inference and export graphs keep the
+        forward graph's form."""
+        self._require(APPLY, "add_training_pass")
+        self._contributions.training_passes.append(Entry(self, fn))
 
     # -- apply: inference and export ----------------------------------------------------------------
     def add_inference_pass(self, fn: GraphPass) -> None:

@@ -64,6 +64,7 @@ class Contributions:
     post_updates: list[PostUpdateEntry] = field(default_factory=list)
     hyperparameters: dict[str, Entry] = field(default_factory=dict)
     step_variants: list[VariantEntry] = field(default_factory=list)
+    training_passes: list[Entry] = field(default_factory=list)
     # inference and export
     inference_passes: list[Entry] = field(default_factory=list)
     export_passes: dict[bool, list[Entry]] = field(default_factory=lambda: {True: [], False: []})

@@ -87,3 +87,36 @@ def test_inputs_the_forward_does_not_take_are_named(mlp) -> None:
 def test_non_module_is_rejected() -> None:
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         capture(lambda x: x, (torch.randn(2),))
+
+
+class TrainingBranch(nn.Module):
+    """A Python ``self.training`` branch torch.export records as taken; outputs scaled by ``scale``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.fc, self.scale = nn.Linear(8, 4), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if self.training:
+            y = y * 2
+        return y * self.scale
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-26])
+def test_an_unswitchable_training_branch_is_reported_at_any_output_scale(caplog, scale: float) -> None:
+    """``m.eval()`` cannot equal the model's eval mode here; the capture says so, also when a random-init
+    model's outputs are tiny (MobileNetV2's logits are ~1e-26: an absolute bound saw nothing)."""
+    torch.manual_seed(0)
+    m = graphopt.compile(TrainingBranch(scale), methods=["sgd(lr=0.1)"], backend="eager",
+                         example_inputs=(torch.randn(3, 8),))
+    with caplog.at_level("WARNING", logger="graphopt"):
+        m(torch.randn(3, 8))
+    assert "self.training` branch graphopt cannot switch" in caplog.text
+    caplog.clear()
+    torch.manual_seed(0)
+    plain = graphopt.compile(nn.Sequential(nn.Linear(8, 4)), methods=["sgd(lr=0.1)"], backend="eager",
+                             example_inputs=(torch.randn(3, 8) * scale,))
+    with caplog.at_level("WARNING", logger="graphopt"):
+        plain(torch.randn(3, 8) * scale)
+    assert "cannot switch" not in caplog.text

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.builtin.hra import hra_matrix, hra_transform
+import graphopt.builtin.hra as hra_module
+from graphopt.builtin.hra import hra_linear, hra_matrix, hra_transform
 
 
 # -- independent reference (plain PyTorch, from the paper's formula) ----------------------------------
@@ -297,3 +298,56 @@ def test_composes_with_oftv2_on_other_layers() -> None:
     target = torch.randn(3, 5, 3, dtype=torch.float64)
     m.step(x, target)
     assert m.graph_module.head.oftv2_q.abs().max() > 0  # both adapters train
+
+
+# -- the training form: the input transform and its linear layer as one autograd function ----------------------
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_hra_linear_equals_the_transform_then_the_layer(apply_gs: bool) -> None:
+    """``hra_linear`` (the step's fused form) against ``F.linear(hra_transform(x, u), W, b)``: values and
+    gradients, gradcheck in float64 for the input, the factors and (when they train) the weight and bias."""
+    gen = torch.Generator().manual_seed(7)
+    x, w, b, u = (torch.randn(*s, dtype=torch.float64, generator=gen, requires_grad=True)
+                  for s in ((3, 5, 12), (7, 12), (7,), (12, 4)))
+    fused = hra_linear(x, w, b, u, apply_gs=apply_gs)
+    plain = F.linear(hra_transform(x, u, apply_gs=apply_gs), w, b)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(fused.sin().sum(), (x, w, b, u)),
+                         torch.autograd.grad(plain.sin().sum(), (x, w, b, u))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w, b, u: hra_linear(x, w, b, u, apply_gs=apply_gs), (x, w, b, u))
+    assert torch.autograd.gradcheck(lambda x, u: hra_linear(x, w.detach(), None, u, apply_gs=apply_gs), (x, u))
+
+
+def test_hra_linear_under_autocast_matches_the_transform_then_the_layer() -> None:
+    """bf16 autocast: the products run in bfloat16 as ``F.linear`` would, and the gradients come back in the
+    inputs' float32."""
+    gen = torch.Generator().manual_seed(8)
+    x, w, b, u = (torch.randn(*s, generator=gen, requires_grad=True) for s in ((4, 64), (32, 64), (32,), (64, 8)))
+    results = []
+    for fn in (lambda: hra_linear(x, w, b, u), lambda: F.linear(hra_transform(x, u), w, b)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn()
+        grads = torch.autograd.grad(y.float().square().sum(), (x, u))
+        results.append((y, grads))
+    (fused, fused_grads), (plain, plain_grads) = results
+    assert fused.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.05, atol=0.05)
+    for got, want in zip(fused_grads, plain_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+def test_the_step_trains_the_fused_form_and_exports_the_transform(mlp, monkeypatch) -> None:
+    """The training pass swaps every transform-and-linear pair in the step's graph only: the step traces one
+    fused call per adapted layer, the export graph keeps ``hra_transform``, and training moves the adapters."""
+    calls = []
+    original = hra_module.reflected_linear
+    monkeypatch.setattr(hra_module, "reflected_linear", lambda *args: calls.append(1) or original(*args))
+    x = torch.randn(6, 8)
+    m = graphopt.compile(mlp, methods=["hra(r=2)", "adamw(lr=1e-2)"], loss_fn=F.cross_entropy, backend="eager",
+                         example_inputs=(x,))
+    before = {n: p.clone() for n, p in m.trainable_parameters().items()}
+    m.step(x, torch.randint(0, 4, (6,)))
+    transforms = sum(n.target is hra_transform for n in m.export_graph(False).graph.nodes)
+    assert transforms == len(before) > 0 and len(calls) == transforms  # traced once, one call per layer
+    assert all(not torch.equal(before[n], p) for n, p in m.trainable_parameters().items())

@@ -445,3 +445,17 @@ def test_adamw_inductor_equals_torch_optim(mlp) -> None:
     m.set_lr(1e-3)
     m.step(*data[0])
     assert m.compile_stats().traces == 1
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "apply"])
+def test_sgd_momentum_inductor_equals_torch_optim(mlp, on_nonfinite: str) -> None:
+    """The momentum update B ← μB + G fed by the weight gradient's GEMM (``UnfuseCopiedAddmm``), with and
+    without the finiteness guard, against torch.optim.SGD."""
+    data = [(x.float(), y) for x, y in batches((6, 8), 4, n=5)]
+    reference = copy.deepcopy(mlp)
+    run_torch(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, nesterov=True), data)
+    m = graphopt.compile(mlp, methods=["sgd(lr=0.1, momentum=0.9, nesterov=True)"], loss_fn=F.cross_entropy,
+                         backend="inductor", on_nonfinite=on_nonfinite)
+    for x, y in data:
+        m.step(x, y)
+    assert max_diff(m, reference) < 1e-5

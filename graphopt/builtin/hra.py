@@ -16,7 +16,10 @@ evaluated as ``∏_k (I + (−N)^{2^k})`` in ⌈log₂ r⌉ r×r products (no so
 With ``Z = Û T``: ``x Rᵀ = x − (x Û) Zᵀ``, two skinny matmuls of cost ``N·in·r`` each; the backward keeps
 only the layer input and the r-wide ``x Û``. ``Vᵀ = Ûᵀ`` and ``Zᵀ`` are kept as row-major ``(r, in)``
 matrices, the layout in which MKL's skinny GEMMs (forward and autograd's backward) are fast; see
-docs/methods/hra.md for the measurements.
+docs/methods/hra.md for the measurements. That is the form of the forward graph (inference, export); the
+training step fuses each input transform with the linear layer it feeds (:func:`hra_linear`,
+:mod:`graphopt.builtin.reflected_linear`: the same values and gradients, without writing ``x Rᵀ`` or the
+activation-sized passes of its backward).
 
 Conv2d layers (``W (out, C/g, kh, kw)``, any stride, padding, dilation, groups) are adapted as the matrix
 ``W (out, C/g·kh·kw)`` over each filter's patch, ``W′ = W R``, one ``R`` shared by the groups: the same
@@ -43,6 +46,7 @@ from collections.abc import Mapping
 import torch
 
 import graphopt
+from graphopt.builtin.reflected_linear import reflected_linear
 from graphopt.errors import OptionError
 from graphopt.rewrite.adapters import (
     fold_input_transforms,
@@ -102,6 +106,33 @@ def hra_transform(x: torch.Tensor, u: torch.Tensor, apply_gs: bool = False) -> t
     # one GEMM with the residual as its bias: the backward needs no negation or copy of x-sized tensors
     rows = x.reshape(-1, x.shape[-1])
     return torch.addmm(rows, rows @ vt.t(), -zt).reshape(x.shape)
+
+
+def hra_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
+               apply_gs: bool = False) -> torch.Tensor:
+    """``F.linear(hra_transform(x, u), weight, bias)`` as one autograd function (the training form,
+    :mod:`graphopt.builtin.reflected_linear`): the same values and gradients without writing ``x Rᵀ``."""
+    return reflected_linear(x, weight, bias, *hra_wy(u, apply_gs))
+
+
+def fuse_linear_layers(gm: torch.fx.GraphModule) -> None:
+    """The training pass: every ``aten.linear(hra_transform(x, u), W, b)`` becomes ``hra_linear(x, W, b, u)``;
+    the transform node goes once no other node reads it."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not hra_transform:
+            continue
+        for user in list(node.users):
+            if user.target is not torch.ops.aten.linear.default or user.args[0] is not node:
+                continue
+            bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+            with gm.graph.inserting_before(user):
+                fused = gm.graph.call_function(hra_linear, (node.args[0], user.args[1], bias, *node.args[1:]),
+                                               dict(node.kwargs))
+            fused.meta.update(user.meta)
+            user.replace_all_uses_with(fused)
+            gm.graph.erase_node(user)
+        if not node.users:
+            gm.graph.erase_node(node)
 
 
 def hra_matrix(u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
@@ -180,6 +211,7 @@ class HRA(graphopt.Method):
                     insert_input_transform(ctx, call, hra_transform, [names[-1]], apply_gs=self.apply_gs)
         if self.reg_lambda:
             ctx.add_loss_term(functools.partial(_penalty, names, self.reg_lambda))
+        ctx.add_training_pass(fuse_linear_layers)
         ctx.add_export_pass(_fold, merge=True)
         ctx.add_description(f"hra: r={self.r} on {len(names)} weight(s): "
                             f"{', '.join(dict.fromkeys(layer.path for layer in layers))}")

@@ -33,7 +33,9 @@ from graphopt.errors import OptionError, StepError
 from graphopt.inputs import CallInputs, Dims
 from graphopt.progress import logger, stage
 from graphopt.rewrite.blocks import find_blocks
+from graphopt.rewrite.modes import copy_graph_module
 from graphopt.train.checkpointing import checkpoint_blocks
+from graphopt.train.compile_passes import UnfuseCopiedAddmm
 from graphopt.train.schedule import schedule_updates
 from graphopt.train.step_function import StepOptions, build_step_function, scaler_state
 from graphopt.train.tracing import compile_graph, mark_dynamic, target_dims, trace_step
@@ -218,6 +220,12 @@ class TrainingStep:
             if name in chosen:
                 gm, skip = dispatch(entry.ctx, STEP, f"variant graph {chosen[name]!r}", entry.build, gm, chosen[name])
                 skipped |= set(skip)
+        if self.captured.contributions.training_passes:
+            gm = copy_graph_module(gm)
+            for entry in self.captured.contributions.training_passes:
+                dispatch(entry.ctx, STEP, "training pass", entry.fn, gm)
+            gm.graph.lint()
+            gm.recompile()
         trained = frozenset(n for n in trainable if n not in skipped)
         blocks = self.checkpoint_paths(gm)
         options = replace(self.options, kind="accumulate" if accumulating else "update", checkpoint=blocks)
@@ -241,7 +249,8 @@ class TrainingStep:
         traced = schedule_updates(traced)  # each update right after its gradient (graphopt.train.schedule)
         traced.graph.lint()
         traced.recompile()
-        config = OVERLAP if parallel is not None else None  # inductor overlaps the collectives with compute
+        config = {"post_grad_custom_post_pass": UnfuseCopiedAddmm(),
+                  **(OVERLAP if parallel is not None else {})}  # inductor overlaps the collectives with compute
         return _Compiled(compile_graph(traced, self.backend, what, self.captured.count_compile, config), traced,
                          trained, target_dims(target, inputs, self._dims()))
 
