@@ -351,3 +351,13 @@ def test_the_step_trains_the_fused_form_and_exports_the_transform(mlp, monkeypat
     transforms = sum(n.target is hra_transform for n in m.export_graph(False).graph.nodes)
     assert transforms == len(before) > 0 and len(calls) == transforms  # traced once, one call per layer
     assert all(not torch.equal(before[n], p) for n, p in m.trainable_parameters().items())
+
+
+def test_hra_linear_output_can_be_written_in_place() -> None:
+    """Models write into a linear layer's output (Falcon): the fused form's output is not a view."""
+    gen = torch.Generator().manual_seed(9)
+    x, w, u = (torch.randn(*s, generator=gen, requires_grad=True) for s in ((2, 3, 8), (6, 8), (8, 2)))
+    y = hra_linear(x, w.detach(), None, u)
+    y.mul_(2)
+    y.sum().backward()
+    assert u.grad is not None and x.grad is not None

@@ -36,15 +36,17 @@ class ReflectedLinear(torch.autograd.Function):
                 zt: torch.Tensor) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.shape, ctx.dtypes = x.shape, (x.dtype, weight.dtype, None if bias is None else bias.dtype, vt.dtype)
         with torch.autocast(device, enabled=False):
             wz = weight @ zt.t().to(weight.dtype)                                       # P = W Z
             folded = torch.addmm(weight, wz, vt.to(weight.dtype), alpha=-1).to(dtype)  # W' = W − P Vᵀ
-            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            x = x.to(dtype)
+            rows = x.reshape(-1, x.shape[-1])
             s = rows @ vt.t().to(dtype)
-            y = F.linear(rows, folded, None if bias is None else bias.to(dtype))
+            # on x itself, not on rows: the output must not be a view (models write into it in place: Falcon)
+            y = F.linear(x, folded, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(rows, weight, folded, wz, s, zt)
-        ctx.shape, ctx.dtypes = x.shape, (x.dtype, weight.dtype, None if bias is None else bias.dtype, vt.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
