@@ -57,21 +57,19 @@ def _unfuse(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """``addmm(C, A, B, beta=β, alpha=α)`` → ``β·C + α·(A @ B)`` as ``mm`` and pointwise ops."""
     operand, left, right = node.args[:3]
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    result = node.meta["val"]
     with graph.inserting_before(node):
-        product = graph.call_function(aten.mm.default, (left, right))
-        product.meta.update(node.meta)
-        product.meta["val"] = result  # the same shape, dtype and (contiguous) strides
+        product = _node_like(graph, aten.mm.default, (left, right), node)
         if alpha != 1:
-            product = _pointwise(graph, aten.mul.Tensor, (product, alpha), node)
+            product = _node_like(graph, aten.mul.Tensor, (product, alpha), node)
         if beta != 1:
-            operand = _pointwise(graph, aten.mul.Tensor, (operand, beta), node)
-        total = _pointwise(graph, aten.add.Tensor, (operand, product), node)
+            operand = _node_like(graph, aten.mul.Tensor, (operand, beta), node)
+        total = _node_like(graph, aten.add.Tensor, (operand, product), node)
     node.replace_all_uses_with(total)
     graph.erase_node(node)
 
 
-def _pointwise(graph: torch.fx.Graph, target: Any, args: tuple[Any, ...], like: torch.fx.Node) -> torch.fx.Node:
+def _node_like(graph: torch.fx.Graph, target: Any, args: tuple[Any, ...], like: torch.fx.Node) -> torch.fx.Node:
+    """A new node with ``like``'s meta: every node of the rewrite has the addmm's shape, dtype and strides."""
     new = graph.call_function(target, args)
     new.meta.update(like.meta)
     return new
