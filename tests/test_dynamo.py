@@ -126,22 +126,27 @@ def test_torch_compile_with_the_graphopt_backend() -> None:
 
 def test_models_of_one_class_do_not_share_compiled_subgraphs() -> None:
     """Ten models of one class on the dynamo path in one process, past dynamo's recompile limit (8 per code
-    object, shared by every compile of it): each model computes with its own weights. Dynamo guards an inlined
-    module by its class, so from the limit on a shared cache ran an earlier model's rewritten subgraphs, which
-    hold that model's tensors (the zoo's wav2vec2 cells got a trained model's uniform logits)."""
+    object): each model computes with its own weights and trains its own adapters. Dynamo guards an inlined
+    module by its class, so a cache shared between the models would run an earlier model's subgraphs (its
+    backend, tensors and adapters); each compiled model has its own cache region."""
     x, y = data()
     for seed in range(10):
         torch.manual_seed(seed)
         model = Branchy()
-        m = graphopt.compile(model, methods=["sgd(lr=0.5)"], loss_fn=F.cross_entropy, capture="dynamo",
-                             backend="eager", example_inputs=(x,))
+        plain = graphopt.compile(model, methods=["sgd(lr=0.5)"], loss_fn=F.cross_entropy, capture="dynamo",
+                                 backend="eager", example_inputs=(x,))
+        adapted = graphopt.compile(model, methods=["lora(r=2)", "sgd(lr=0.5)"], loss_fn=F.cross_entropy,
+                                   capture="dynamo", backend="eager", example_inputs=(x,))
         for _ in range(2):
-            m.step(x, y)
+            plain.step(x, y)
+            adapted.step(x, y)
         reference = copy.deepcopy(model).eval()
-        for name, param in m.trainable_parameters().items():
+        for name, param in plain.trainable_parameters().items():
             reference.get_parameter(name).data.copy_(param)
         with torch.no_grad():
-            torch.testing.assert_close(m.eval()(x), reference(x), rtol=0, atol=1e-6, msg=f"model {seed}")
+            torch.testing.assert_close(plain.eval()(x), reference(x), rtol=0, atol=1e-6, msg=f"model {seed}")
+        lora_b = [p for n, p in adapted.trainable_parameters().items() if "lora_B" in n]
+        assert lora_b and all(p.abs().sum() > 0 for p in lora_b), f"model {seed}: its own adapters trained"
 
 
 def test_a_subgraph_called_with_other_tensors_gets_its_own_graph() -> None:

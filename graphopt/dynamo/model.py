@@ -55,10 +55,9 @@ class DynamoModel(nn.Module):
         compiler = "inductor" if backend == "inductor" else "eager"
         self.graphopt_backend = GraphoptBackend([m for m in self.methods if m.stage == "forward"], compiler,
                                                 self.model)
-        # isolated: dynamo guards an inlined module by its class, so without it a later model of the same class
-        # could reuse this one's compiled subgraphs, which hold this model's tensors (after the shared recompile
-        # limit, dynamo runs only cached entries)
-        compiled = torch.compile(self.model, backend=self.graphopt_backend, dynamic=False)
+        # its own cache region: dynamo guards an inlined module by its class, so a later model of the same class
+        # could otherwise run this model's compiled subgraphs, which call this model's backend (and adapters)
+        compiled = torch.compile(self.model, backend=self.graphopt_backend, dynamic=False, isolate_recompiles=True)
         object.__setattr__(self, "_compiled", compiled)  # not a submodule: its parameters are self.model's
         self.backend = backend
         self._update: Any = None  # the traced, compiled update of every trainable parameter
