@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def many_compiled_peft_models() -> Any:
+    """A decorator for a case that compiles many PEFT models in one process: every ``torch.compile``'d PEFT
+    model recompiles ``PeftModel.forward`` (its guards hold the instance), and past dynamo's default limit of 8
+    per code object the next models would silently run eager. The limit is raised, and reaching it fails."""
+    return torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
 
 
 def linear_gelu_stack(width: int = 1024, blocks: int = 4) -> nn.Sequential:

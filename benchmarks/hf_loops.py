@@ -31,6 +31,8 @@ from torch import nn
 import graphopt
 from graphopt.bench import ratios, time_steps
 
+from .common import many_compiled_peft_models
+
 LR = 1e-4
 SPECS = {"hra": "hra(r=8, targets={t})", "oftv2": "oftv2(block_size=32, targets={t})",
          "sora": "sora(r=8, targets={t})", "lora": "lora(r=8, alpha=16, targets={t})"}
@@ -90,9 +92,7 @@ def _peft_step(base: nn.Module, config: Any, batch: dict[str, torch.Tensor]) -> 
     return step
 
 
-# Every torch.compile'd PEFT model recompiles PeftModel.forward (its guards hold the instance): past dynamo's
-# default limit of 8 per code object in one process, the next models would silently run eager.
-@torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
+@many_compiled_peft_models()
 def bench_hf_vs_peft_compiled(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, (base, batch, targets) in _models(quick).items():
@@ -123,9 +123,7 @@ def bench_hf_vs_peft_compiled(quick: bool) -> dict[str, Any]:
     return results
 
 
-# Every torch.compile'd PEFT model recompiles PeftModel.forward (its guards hold the instance): past dynamo's
-# default limit of 8 per code object in one process, the next models would silently run eager.
-@torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
+@many_compiled_peft_models()
 def bench_compile_counts(quick: bool) -> dict[str, Any]:
     import peft
     from torch.utils.data import DataLoader, TensorDataset

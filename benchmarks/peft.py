@@ -33,7 +33,7 @@ from graphopt.bench import peak_memory_mib, ratios, time_steps
 from graphopt.builtin.hra import hra_transform, paired_init
 from graphopt.rewrite.adapters import insert_input_transform
 
-from .common import eager_training_step, linear_gelu_stack
+from .common import eager_training_step, linear_gelu_stack, many_compiled_peft_models
 
 LR = 1e-3
 
@@ -60,9 +60,7 @@ def _peft_steps(base: nn.Module, config: Any, x: torch.Tensor, target: torch.Ten
     return steps
 
 
-# Every torch.compile'd PEFT model recompiles PeftModel.forward (its guards hold the instance): past dynamo's
-# default limit of 8 per code object in one process, the next models would silently run eager.
-@torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
+@many_compiled_peft_models()
 def bench_peft(quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     width, shape = (256, (8, 32, 256)) if quick else (1024, (32, 64, 1024))
