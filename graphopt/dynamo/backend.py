@@ -206,7 +206,8 @@ class GraphoptBackend:
                         "graphopt.backend: torch.compile ran one compiled subgraph for the parameters of several "
                         "modules (instances of one class, or parameters replaced after compiling); name them: "
                         "graphopt.backend(methods, model=model)")
-                variants[key] = build(list(args), list(args))
+                values = list(args)
+                variants[key] = build(values, values)
             run, user = variants[key]
             return run(*[args[i] for i in user])
 
