@@ -20,7 +20,6 @@ shown beside it.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.bench import peak_memory_mib, ratios, time_steps
+from graphopt.bench import inductor_buffer_peak_mib, peak_memory_mib, ratios, time_steps
 
 from .eager_family import EAGER
 
@@ -98,37 +97,8 @@ class GraphoptStep:
 
 def inductor_peak_mib(step: GraphoptStep) -> float:
     """Peak tensor memory of one inductor-compiled step: resident tensors plus the most bytes of the buffers
-    inductor's wrapper allocates (``empty_strided_cpu``) that are alive at once.
-
-    The profiler's memory timeline does not see inductor's buffer allocations, so the generated wrapper's
-    allocator is wrapped for one call; a buffer counts until its Python object is freed (``del bufN``).
-    Buffers are allocated by the wrapper only (matmuls write into them with ``out=``), so this is complete
-    for these graphs.
-    """
-    from torch._inductor.codecache import PyCodeCache
-
-    live, peak = [0], [0]
-
-    def tracked(size, stride, dtype):
-        tensor = original(size, stride, dtype)
-        nbytes = tensor.untyped_storage().nbytes()
-        live[0] += nbytes
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(tensor, lambda: live.__setitem__(0, live[0] - nbytes))
-        return tensor
-
-    modules = [mod for mod in PyCodeCache.modules if hasattr(mod, "empty_strided_cpu")]
-    if not modules:
-        raise RuntimeError("no inductor wrapper module found; run the step once first")
-    original = modules[0].empty_strided_cpu
-    for mod in modules:
-        mod.empty_strided_cpu = tracked
-    try:
-        step()
-    finally:
-        for mod in modules:
-            mod.empty_strided_cpu = original
-    return round(step.resident_mib() + peak[0] / 2**20, 2)
+    inductor's wrapper allocates that are alive at once (``graphopt.bench.inductor_buffer_peak_mib``)."""
+    return round(step.resident_mib() + inductor_buffer_peak_mib(step), 2)
 
 
 def measure(variants: dict[str, Callable[[], Any]], baseline: str, quick: bool) -> dict[str, Any]:

@@ -135,6 +135,45 @@ def peak_memory_mib(fn: Callable[[], Any]) -> float:
     return round(peak / 2**20, 2)
 
 
+def inductor_buffer_peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak of the buffers inductor-compiled code allocates during one call of ``fn``, in MiB: the most bytes
+    of the buffers the generated wrappers allocate (``empty_strided_cpu``) that are alive at once.
+
+    The profiler's memory timeline does not see these allocations (see :func:`peak_memory_mib`), so every
+    loaded wrapper's allocator is wrapped for the call; a buffer counts until its Python object is freed
+    (``del bufN``). Extern kernels (matmuls) write into wrapper-allocated buffers (``out=``), so for graphs of
+    matmuls and fused kernels this is every temporary; tensors alive before the call are not counted.
+    """
+    import weakref
+
+    from torch._inductor.codecache import PyCodeCache
+
+    modules = [mod for mod in PyCodeCache.modules if hasattr(mod, "empty_strided_cpu")]
+    if not modules:
+        raise RuntimeError("no inductor-compiled code is loaded; run the compiled function once first")
+    live, peak = [0], [0]
+    originals = {mod: mod.empty_strided_cpu for mod in modules}
+
+    def tracked(allocate: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def allocate_tracked(size: Any, stride: Any, dtype: torch.dtype) -> torch.Tensor:
+            tensor = allocate(size, stride, dtype)
+            nbytes = tensor.untyped_storage().nbytes()
+            live[0] += nbytes
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(tensor, lambda: live.__setitem__(0, live[0] - nbytes))
+            return tensor
+        return allocate_tracked
+
+    for mod, allocate in originals.items():
+        mod.empty_strided_cpu = tracked(allocate)
+    try:
+        fn()
+    finally:
+        for mod, allocate in originals.items():
+            mod.empty_strided_cpu = allocate
+    return round(peak[0] / 2**20, 2)
+
+
 def ratios(times: dict[str, float], baseline: str) -> dict[str, float]:
     """Each variant's time divided by ``baseline``'s."""
     return {name: round(t / times[baseline], 3) for name, t in times.items()}

@@ -9,6 +9,14 @@ update, which writes the buffer and the parameter) need three. The pass turns su
 ``mm`` plus the pointwise add when ``C`` is a full-size tensor computed in the graph (not a broadcast bias)
 and every user of the result is pointwise, so inductor fuses the add into its users; inductor makes the same
 choice itself on GPUs (``should_prefer_unfused_addmm``).
+
+``HoistUpdates``: a scheduler pass (after fusion, before inductor's own peak-memory ordering, which keeps this
+order unless it estimates a lower peak) that moves every kernel that writes into a graph input (a parameter's
+update and its optimizer state, as :mod:`graphopt.train.schedule` places it in the FX graph) to just after the
+last kernel it depends on (its data and the readers of the storage it overwrites). Without it inductor issues
+the update of layer ``k`` after the weight-gradient GEMM of layer ``k − 1`` (it runs the update in the kernel
+that follows, where the next bias gradient is reduced), so two weight gradients are alive at once (measured
+on 4×Linear(1024) with sgd: 41.3 MiB peak against optimizer-in-backward's 37.5).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass, CustomSchedulerPass, get_hash_for_files
 
 aten = torch.ops.aten
 # users that read the addmm's result element by element without being tagged pointwise: the write-back of a
@@ -34,6 +42,32 @@ class UnfuseCopiedAddmm(CustomGraphPass):
 
     def uuid(self) -> Any:
         return get_hash_for_files((__file__,))
+
+
+class HoistUpdates(CustomSchedulerPass):
+    """See the module docstring."""
+
+    def __call__(self, nodes: list[Any]) -> list[Any]:
+        from torch._inductor.virtualized import V
+
+        inputs = set(V.graph.graph_inputs)
+        order: list[Any] = []
+        for node in nodes:
+            if _writes_into(node, inputs):
+                after = max((i for i, other in enumerate(order)
+                             if other.get_operation_names() & node.ancestors), default=-1)
+                order.insert(after + 1, node)
+            else:
+                order.append(node)
+        return order
+
+    def uuid(self) -> Any:
+        return get_hash_for_files((__file__,))
+
+
+def _writes_into(node: Any, inputs: set[str]) -> bool:
+    """Whether scheduler node ``node`` writes in place into a graph input (a parameter, an optimizer slot)."""
+    return any(set(buffer.get_mutations()) & inputs for buffer in node.get_outputs())
 
 
 def _copies_a_computed_operand(node: torch.fx.Node) -> bool:

@@ -35,7 +35,7 @@ from graphopt.progress import logger, stage
 from graphopt.rewrite.blocks import find_blocks
 from graphopt.rewrite.modes import copy_graph_module
 from graphopt.train.checkpointing import checkpoint_blocks
-from graphopt.train.compile_passes import UnfuseCopiedAddmm
+from graphopt.train.compile_passes import HoistUpdates, UnfuseCopiedAddmm
 from graphopt.train.schedule import schedule_updates
 from graphopt.train.step_function import StepOptions, build_step_function, scaler_state
 from graphopt.train.tracing import compile_graph, mark_dynamic, target_dims, trace_step
@@ -249,7 +249,7 @@ class TrainingStep:
         traced = schedule_updates(traced)  # each update right after its gradient (graphopt.train.schedule)
         traced.graph.lint()
         traced.recompile()
-        config = {"post_grad_custom_post_pass": UnfuseCopiedAddmm(),
+        config = {"post_grad_custom_post_pass": UnfuseCopiedAddmm(), "_post_fusion_custom_pass": HoistUpdates(),
                   **(OVERLAP if parallel is not None else {})}  # inductor overlaps the collectives with compute
         return _Compiled(compile_graph(traced, self.backend, what, self.captured.count_compile, config), traced,
                          trained, target_dims(target, inputs, self._dims()))
