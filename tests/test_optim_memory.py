@@ -21,13 +21,17 @@ LAYERS, WIDTH = 8, 512
 GRAD_MIB = WIDTH * WIDTH * 4 / 2**20  # 1 MiB per weight gradient (float32)
 
 
-def peak_above_parameters(spec: str, on_nonfinite: str = "apply") -> float:
+def linear_stack(bias: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """LAYERS × Linear(WIDTH, WIDTH) with ReLU between, and a batch of 4."""
     torch.manual_seed(0)
     layers = []
     for _ in range(LAYERS):
-        layers += [nn.Linear(WIDTH, WIDTH, bias=False), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
-    x, y = torch.randn(4, WIDTH), torch.randint(0, WIDTH, (4,))
+        layers += [nn.Linear(WIDTH, WIDTH, bias=bias), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]), torch.randn(4, WIDTH), torch.randint(0, WIDTH, (4,))
+
+
+def peak_above_parameters(spec: str, on_nonfinite: str = "apply") -> float:
+    model, x, y = linear_stack(bias=False)
     m = graphopt.compile(model, methods=[spec], loss_fn=F.cross_entropy, backend="eager", on_nonfinite=on_nonfinite)
     m.step(x, y)  # builds the graph
     state_mib = sum(v.numel() * v.element_size() for s in m.optimizer_state().values() for v in s.values()) / 2**20
@@ -64,12 +68,7 @@ def test_guarded_updates_keep_every_gradient_until_all_are_checked() -> None:
 def inductor_peak_above_parameters(spec: str) -> float:
     """The compiled step's temporaries (``graphopt.bench.inductor_buffer_peak_mib``) on a stack of biased
     Linear layers: inductor runs each weight's update in the kernel that reduces the next bias gradient."""
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(LAYERS):
-        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
-    x, y = torch.randn(4, WIDTH), torch.randint(0, WIDTH, (4,))
+    model, x, y = linear_stack(bias=True)
     m = graphopt.compile(model, methods=[spec], loss_fn=F.cross_entropy, on_nonfinite="apply")
     m.step(x, y)
     return inductor_buffer_peak_mib(lambda: m.step(x, y))
